@@ -1,0 +1,127 @@
+"""Builders in the style of segment-anything's ``sam_model_registry``."""
+import logging
+from functools import partial
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from segment_anything import sam_model_registry as stock_registry
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from blvit.utils.io import PathLike
+
+from .checkpoint import load_blvit_sam_checkpoint, load_e_blocks_from_sam, load_sam_checkpoint
+from .config import DENSE_SOURCE, BigLittleSamConfig, make_config
+from .image_encoder import BigLittleImageEncoder
+
+logger = logging.getLogger(__name__)
+
+PIXEL_MEAN = [123.675, 116.28, 103.53]
+PIXEL_STD = [58.395, 57.12, 57.375]
+
+
+def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256) -> Sam:
+    """A ``Sam`` with segment-anything's own prompt encoder and mask decoder around any
+    encoder that maps (B, 3, S, S) to (B, 256, S/16, S/16) and has an ``img_size``."""
+    grid = image_encoder.img_size // 16
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_encoder.img_size, image_encoder.img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
+    )
+
+
+def build_sam_from_config(config: BigLittleSamConfig) -> Sam:
+    return sam_from_encoder(BigLittleImageEncoder(config), config.out_chans)
+
+
+def build_sam_blvit(
+    variant: str = "b+t",
+    checkpoint: Optional[PathLike] = None,
+    sam_checkpoint: Optional[PathLike] = None,
+    keep_ratio: float = 0.25,
+    e_checkpoint: Optional[PathLike] = None,
+    **overrides: Any,
+) -> Sam:
+    """Build a SAM whose image encoder is a bLViT encoder.
+
+    Args:
+        variant: "b+t", "h+b", or a dense layout "vit_b" / "vit_l" / "vit_h" (this toolkit's
+            SDPA encoder); see ``sam_adapter.config.VARIANTS``.
+        checkpoint: a bLViT-SAM checkpoint written by this toolkit (loaded last, strictly).
+        sam_checkpoint: an official SAM file (``sam_vit_b_01ec64.pth`` for b+t,
+            ``sam_vit_h_4b8939.pth`` for h+b): its encoder initialises the dense layers and
+            P-blocks; its prompt encoder and mask decoder are kept.
+        keep_ratio: fraction of tokens per window the P-blocks process.
+        e_checkpoint: a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks.
+        **overrides: any ``BigLittleSamConfig`` field (unknown names are an error).
+    Returns:
+        a ``segment_anything.modeling.Sam`` in eval mode, on the CPU.
+    """
+    config = make_config(variant, keep_ratio=keep_ratio, **overrides)
+    sam = build_sam_from_config(config)
+    if sam_checkpoint is not None:
+        kept = load_sam_checkpoint(sam, sam_checkpoint, DENSE_SOURCE.get(variant))
+        logger.info("loaded %s; %d new encoder tensors keep their initialisation", sam_checkpoint, len(kept))
+    if e_checkpoint is not None:
+        load_e_blocks_from_sam(sam.image_encoder, e_checkpoint)
+    if checkpoint is not None:
+        load_blvit_sam_checkpoint(sam, checkpoint)
+    return sam.eval()
+
+
+def build_sam_stock(model_type: str = "vit_b", checkpoint: Optional[PathLike] = None) -> Sam:
+    """segment-anything's own model, loaded on any device (the stock builder's
+    ``torch.load`` has no ``map_location``) and with key/shape checks."""
+    if model_type not in ("vit_b", "vit_l", "vit_h"):
+        raise ValueError(f"unknown stock SAM type {model_type!r}; choose vit_b, vit_l or vit_h")
+    sam = stock_registry[model_type]()
+    if checkpoint is not None:
+        load_sam_checkpoint(sam, checkpoint, model_type)
+    return sam.eval()
+
+
+def _stock_builder(model_type: str) -> Callable[..., Sam]:
+    return partial(build_sam_stock, model_type)
+
+
+def _blvit_builder(variant: str) -> Callable[..., Sam]:
+    def build(checkpoint: Optional[PathLike] = None, **kwargs: Any) -> Sam:
+        return build_sam_blvit(variant, checkpoint=checkpoint, **kwargs)
+
+    build.__doc__ = f"build_sam_blvit({variant!r}, ...)"
+    return build
+
+
+def _dense_builder(model_type: str) -> Callable[..., Sam]:
+    def build(checkpoint: Optional[PathLike] = None, **kwargs: Any) -> Sam:
+        return build_sam_blvit(model_type, sam_checkpoint=checkpoint, keep_ratio=1.0, **kwargs)
+
+    build.__doc__ = f"this toolkit's dense SDPA encoder in the SAM {model_type} layout; checkpoint: an official SAM file"
+    return build
+
+
+# Model names users pass to --model. "checkpoint" means: stock and dense_* take an official SAM
+# file; b+t / h+b take a bLViT-SAM checkpoint (use sam_checkpoint= for the official file).
+sam_model_registry: Dict[str, Callable[..., Sam]] = {
+    "vit_b": _stock_builder("vit_b"),
+    "vit_l": _stock_builder("vit_l"),
+    "vit_h": _stock_builder("vit_h"),
+    "dense_vit_b": _dense_builder("vit_b"),
+    "dense_vit_l": _dense_builder("vit_l"),
+    "dense_vit_h": _dense_builder("vit_h"),
+    "b+t": _blvit_builder("b+t"),
+    "h+b": _blvit_builder("h+b"),
+}

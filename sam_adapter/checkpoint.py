@@ -1,0 +1,180 @@
+"""Loading official SAM checkpoints into bLViT-SAM, and this toolkit's own checkpoints."""
+import logging
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from blvit.layers import resize_rel_pos
+from blvit.utils.io import CheckpointError, PathLike, atomic_save, read_checkpoint, unwrap_state_dict
+
+from .config import BigLittleSamConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "blvit-sam"
+FORMAT_VERSION = 1
+_MAX_LISTED = 12
+
+
+def _is_new_parameter(key: str) -> bool:
+    """Parameters a dense SAM checkpoint cannot provide: E-blocks, gammas, predictors."""
+    return ".e_block." in key or ".gamma_" in key or key.startswith("predictors.")
+
+
+def describe_encoder_state(encoder_state: Mapping[str, torch.Tensor]) -> str:
+    """'embed_dim 768, depth 12' from an encoder state dict (for error messages)."""
+    pos = encoder_state.get("pos_embed")
+    width = pos.shape[-1] if pos is not None else "?"
+    indices = {int(k.split(".")[1]) for k in encoder_state if k.startswith("blocks.")}
+    return f"embed_dim {width}, depth {max(indices) + 1 if indices else 0}"
+
+
+def _listing(items: List[str]) -> str:
+    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
+
+
+def load_checked(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: PathLike,
+    what: str,
+    may_be_missing: Callable[[str], bool] = lambda key: False,
+    hint: str = "",
+) -> List[str]:
+    """Load ``state`` into ``module``; any unexpected key, shape mismatch or missing key that
+    ``may_be_missing`` does not excuse raises a ``CheckpointError`` naming the file and keys.
+
+    Returns the keys left at their initialisation.
+    """
+    own = module.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not may_be_missing(k)]
+    if mismatched or unexpected or missing:
+        lines = [f"{path}: does not fit the {what}{hint}"]
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=False)
+    return [k for k in own if k not in state]
+
+
+def split_sam_state(state: Mapping[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Split a ``Sam`` state dict into image_encoder / prompt_encoder / mask_decoder parts."""
+    parts: Dict[str, Dict[str, torch.Tensor]] = {"image_encoder": {}, "prompt_encoder": {}, "mask_decoder": {}}
+    other = []
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in parts:
+            parts[prefix][rest] = value
+        else:
+            other.append(key)
+    if not parts["image_encoder"]:
+        raise CheckpointError(
+            f"{path}: not a SAM checkpoint: no 'image_encoder.*' keys (first keys: {_listing(list(state)[:5])})"
+        )
+    if other:
+        raise CheckpointError(f"{path}: unexpected keys outside image_encoder/prompt_encoder/mask_decoder: {_listing(other)}")
+    return parts
+
+
+def read_sam_state(path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Read an official SAM ``.pth`` (or any Sam state dict) on the CPU, split into parts."""
+    return split_sam_state(unwrap_state_dict(read_checkpoint(path), path), path)
+
+
+def load_sam_checkpoint(sam: nn.Module, path: PathLike, dense_source: Optional[str] = None) -> List[str]:
+    """Initialise a Sam (stock or bLViT encoder) from an official SAM checkpoint.
+
+    The encoder's dense layers and P-blocks take the SAM encoder weights; E-blocks, gammas and
+    predictors keep their initialisation. Prompt encoder and mask decoder load strictly.
+    Returns the encoder keys left at initialisation.
+    """
+    parts = read_sam_state(path)
+    found = describe_encoder_state(parts["image_encoder"])
+    expected = describe_encoder_state(sam.image_encoder.state_dict())
+    hint = f" (checkpoint encoder: {found}; model encoder: {expected}"
+    hint += f"; this model needs SAM {dense_source})" if dense_source else ")"
+    kept = load_checked(sam.image_encoder, parts["image_encoder"], path, "image encoder", _is_new_parameter, hint)
+    for name in ("prompt_encoder", "mask_decoder"):
+        load_checked(getattr(sam, name), parts[name], path, name.replace("_", " "))
+    return kept
+
+
+def load_e_blocks_from_sam(encoder: nn.Module, path: PathLike) -> Dict[str, List[str]]:
+    """Initialise the E-blocks of an encoder from a dense SAM checkpoint of the E width
+    (SAM ViT-B for h+b): the j-th E-block takes the j-th layer's MLP (lin1, lin2) and its
+    relative-position tables (resampled when the window/global table lengths differ).
+
+    The E-block's qkv (C -> 3c), output projection (c -> C) and MLP mappings have no
+    counterpart in a dense model of width c and keep their initialisation; they are listed.
+    """
+    config: BigLittleSamConfig = encoder.config
+    source = read_sam_state(path)["image_encoder"]
+    pos = source.get("pos_embed")
+    if pos is None or pos.shape[-1] != config.e_embed_dim:
+        raise CheckpointError(
+            f"{path}: E-blocks are {config.e_embed_dim} wide but this checkpoint's encoder is "
+            f"{describe_encoder_state(source)}"
+        )
+    layers = list(config.e_block_layers)
+    depth = len({int(k.split(".")[1]) for k in source if k.startswith("blocks.")})
+    if depth < len(layers):
+        raise CheckpointError(f"{path}: has {depth} layers, fewer than the {len(layers)} E-blocks to initialise")
+    loaded, kept = [], []
+    with torch.no_grad():
+        for j, layer in enumerate(layers):
+            e_block = encoder.blocks[layer].e_block
+            for name, param in e_block.named_parameters():
+                src_key = f"blocks.{j}.{name}"
+                if name.startswith("mlp.lin") and src_key in source and source[src_key].shape == param.shape:
+                    param.copy_(source[src_key])
+                elif name.startswith("attn.rel_pos") and src_key in source:
+                    param.copy_(resize_rel_pos(source[src_key].float(), param.shape[0]))
+                else:
+                    kept.append(f"blocks.{layer}.e_block.{name}")
+                    continue
+                loaded.append(f"blocks.{layer}.e_block.{name} <- {src_key}")
+    logger.info("E-blocks from %s: %d tensors loaded, %d kept at initialisation", path, len(loaded), len(kept))
+    return {"loaded": loaded, "kept": kept}
+
+
+def save_blvit_sam_checkpoint(sam: nn.Module, path: PathLike, extra: Optional[dict] = None) -> None:
+    """Write a bLViT-SAM checkpoint (model state and encoder config) atomically."""
+    config: BigLittleSamConfig = sam.image_encoder.config
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_dict(), "model": sam.state_dict()}
+    payload.update(extra or {})
+    atomic_save(payload, path)
+
+
+def load_blvit_sam_checkpoint(sam: nn.Module, path: PathLike) -> Dict:
+    """Load a checkpoint written by :func:`save_blvit_sam_checkpoint` into a matching model."""
+    obj = read_checkpoint(path)
+    if obj.get("format") != FORMAT:
+        if any(k.startswith("image_encoder.") for k in obj):
+            raise CheckpointError(f"{path}: a plain SAM state dict, not a bLViT-SAM checkpoint; pass it as sam_checkpoint=")
+        raise CheckpointError(f"{path}: not a bLViT-SAM checkpoint (no format={FORMAT!r} field)")
+    config: BigLittleSamConfig = sam.image_encoder.config
+    stored = BigLittleSamConfig(**obj["config"])
+    diff = [
+        f"{k}: checkpoint {v!r} vs requested {config.architecture()[k]!r}"
+        for k, v in stored.architecture().items()
+        if config.architecture()[k] != v
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{path}: saved for bLViT-SAM {stored.name!r}, which differs from the requested {config.name!r}: "
+            + "; ".join(diff)
+        )
+    load_checked(sam, unwrap_state_dict(obj, path), path, f"bLViT-SAM {config.name!r} model")
+    return obj

@@ -1,0 +1,56 @@
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Small shapes for CI: a 256 x 256 input gives a 16 x 16 grid, so windows of 14 are padded to
+# 28 x 28 and border windows hold few real tokens (the hard case for per-window selection).
+TINY = dict(img_size=256, embed_dim=64, depth=4, num_heads=4, global_attn_indexes=(1, 3))
+TINY_BT = dict(TINY, e_embed_dim=32, e_num_heads=2, blvit_layers=(1, 2, 3), predictor_layers=(1, 3))
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
+    """Stock SAM zero-initialises rel-pos tables and pos_embed; give them values so that a
+    test comparing two encoders would notice if either were ignored."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, std)
+    return module
+
+
+def stock_sam(embed_dim: int, depth: int, num_heads: int, global_attn_indexes, img_size: int = 1024):
+    """A stock segment-anything ``Sam`` of any size, in the official layout."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    from sam_adapter import sam_from_encoder
+
+    encoder = ImageEncoderViT(
+        depth=depth,
+        embed_dim=embed_dim,
+        img_size=img_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=tuple(global_attn_indexes),
+        window_size=14,
+        out_chans=256,
+    )
+    return randomize_(sam_from_encoder(encoder)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory):
+    """A stock SAM with the TINY encoder, saved as a plain state dict like the official files."""
+    torch.manual_seed(0)
+    sam = stock_sam(TINY["embed_dim"], TINY["depth"], TINY["num_heads"], TINY["global_attn_indexes"], TINY["img_size"])
+    path = tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth"
+    torch.save(sam.state_dict(), path)
+    return path, sam
