@@ -28,6 +28,9 @@ class BigLittleImageEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.img_size = config.img_size  # read by SamPredictor / Sam.preprocess
+        # Set True to keep the last forward's selections in ``last_selections`` (demo, plots).
+        self.record_selections = False
+        self.last_selections: Dict[int, TokenSelection] = {}
         grid = (config.grid_size, config.grid_size)
         self.patch_embed = PatchEmbed(
             kernel_size=(config.patch_size, config.patch_size),
@@ -83,7 +86,10 @@ class BigLittleImageEncoder(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_selections(x)[0]
+        out, selections = self.forward_with_selections(x)
+        if self.record_selections:
+            self.last_selections = selections
+        return out
 
     def forward_with_selections(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[int, TokenSelection]]:
         """Like ``forward``, also returning the selection made at each predictor layer."""

@@ -1,0 +1,76 @@
+"""Pictures: mask overlays and where the router sent tokens."""
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def selection_map(flat_index: np.ndarray, valid: Optional[np.ndarray], grid: int) -> np.ndarray:
+    """(K,) selected positions of one image -> (grid, grid) 0/1 map."""
+    out = np.zeros(grid * grid, np.float32)
+    keep = flat_index if valid is None else flat_index[valid.astype(bool)]
+    out[keep] = 1.0
+    return out.reshape(grid, grid)
+
+
+def save_overlay(
+    path: Path,
+    image: np.ndarray,
+    masks: Sequence[np.ndarray],
+    scores: Sequence[float] = (),
+    points: Optional[np.ndarray] = None,
+    labels: Optional[np.ndarray] = None,
+    box: Optional[np.ndarray] = None,
+    routing: Sequence[np.ndarray] = (),
+    routing_titles: Sequence[str] = (),
+    input_size: Optional[tuple] = None,
+) -> Path:
+    """One PNG: the image with masks, prompts and scores, then one panel per routing map.
+
+    ``routing`` maps are (g, g) over the padded model input; ``input_size`` (h, w) is the
+    resized image inside it, used to crop the map to the image.
+    """
+    plt = _plt()
+    panels = 1 + len(routing)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), squeeze=False)
+    ax = axes[0, 0]
+    ax.imshow(image)
+    colours = plt.cm.tab10(np.arange(max(1, len(masks))) % 10)
+    for i, mask in enumerate(masks):
+        rgba = np.zeros((*mask.shape, 4))
+        rgba[mask.astype(bool)] = (*colours[i][:3], 0.45)
+        ax.imshow(rgba)
+    if points is not None and len(points):
+        labels = np.ones(len(points)) if labels is None else labels
+        for (x, y), lab in zip(points, labels):
+            ax.scatter([x], [y], c="lime" if lab > 0 else "red", marker="*", s=250, edgecolors="white")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=2))
+    ax.set_title("masks " + ", ".join(f"{s:.2f}" for s in scores) if len(scores) else "masks")
+    ax.axis("off")
+    for j, (m, title) in enumerate(zip(routing, list(routing_titles) + [""] * len(routing))):
+        ax = axes[0, 1 + j]
+        ax.imshow(image)
+        if input_size is not None:
+            g = m.shape[0]
+            scale = g / max(input_size)
+            m = m[: int(np.ceil(input_size[0] * scale)), : int(np.ceil(input_size[1] * scale))]
+        ax.imshow(m, cmap="magma", alpha=0.6, extent=(0, image.shape[1], image.shape[0], 0), vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Zero-shot evaluation (COCO, LVIS, ImageNet)."""

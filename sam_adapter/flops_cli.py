@@ -1,0 +1,63 @@
+"""``blvit-flops``: encoder FLOPs of dense SAM vs bLViT-SAM, measured and analytic, side by side."""
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from segment_anything import sam_model_registry as stock_registry
+
+from blvit.flops import analytic_sam_encoder_macs, count_macs_on_meta
+
+from .config import DENSE_SOURCE, make_config
+from .image_encoder import BigLittleImageEncoder
+
+
+def flops_rows(variants: Sequence[str] = ("b+t", "h+b"), keep_ratio: float = 0.25, img_size: int = 1024) -> List[Dict]:
+    """One row per encoder: the stock SAM encoder each variant replaces, this toolkit's dense
+    encoder of that layout (it skips projecting window padding), then the variant.
+
+    MACs are measured with FlopCounterMode (on the meta device) and computed analytically.
+    """
+    shape = (1, 3, img_size, img_size)
+    rows = []
+    for variant in variants:
+        stock_name = DENSE_SOURCE[variant]
+        stock = count_macs_on_meta(lambda: stock_registry[stock_name]().image_encoder, shape)
+        rows.append(dict(encoder=f"SAM {stock_name} (segment_anything)", gmacs=stock / 1e9, analytic_gmacs=None,
+                         ratio=1.0))
+        dense_cfg = make_config(stock_name, img_size=img_size)
+        dense = count_macs_on_meta(lambda: BigLittleImageEncoder(dense_cfg), shape)
+        rows.append(dict(encoder=f"dense {stock_name} (blvit, SDPA)", gmacs=dense / 1e9,
+                         analytic_gmacs=analytic_sam_encoder_macs(dense_cfg)["total"] / 1e9, ratio=dense / stock))
+        cfg = make_config(variant, keep_ratio=keep_ratio, img_size=img_size)
+        measured = count_macs_on_meta(lambda: BigLittleImageEncoder(cfg), shape)
+        rows.append(dict(encoder=f"bLViT-SAM {variant} keep {keep_ratio}", gmacs=measured / 1e9,
+                         analytic_gmacs=analytic_sam_encoder_macs(cfg)["total"] / 1e9, ratio=measured / stock))
+    return rows
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    lines = ["| encoder | GMACs (FlopCounterMode) | GMACs (analytic) | vs dense |", "|---|---|---|---|"]
+    for r in rows:
+        analytic = "" if r["analytic_gmacs"] is None else f"{r['analytic_gmacs']:.1f}"
+        lines.append(f"| {r['encoder']} | {r['gmacs']:.1f} | {analytic} | {r['ratio']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variants", nargs="+", default=["b+t", "h+b"])
+    parser.add_argument("--keep-ratio", type=float, default=0.25)
+    parser.add_argument("--img-size", type=int, default=1024)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = flops_rows(args.variants, args.keep_ratio, args.img_size)
+    print(f"Image encoder cost at {args.img_size}x{args.img_size}, batch 1 (1 MAC = 2 FLOPs)")
+    print(markdown_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

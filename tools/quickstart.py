@@ -1,0 +1,5 @@
+"""The README's main job (same as the ``blvit-quickstart`` command)."""
+from sam_adapter.quickstart import main
+
+if __name__ == "__main__":
+    main()
