@@ -1,0 +1,230 @@
+"""SA-1B: the extracted folder layout and the released tar shards, with SAM's preprocessing.
+
+Samples are addressed by index (map-style), so ``DistributedSampler`` shards them and a resumed
+run continues at the exact sample. Tar shards are indexed once by scanning their headers and
+then read member by member at their byte offsets: nothing is unpacked to disk.
+"""
+import io
+import json
+import logging
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+from segment_anything.utils.transforms import ResizeLongestSide
+
+logger = logging.getLogger(__name__)
+
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names its file."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one image and its annotation live: plain files, or members of a tar shard."""
+
+    name: str
+    image: Tuple[str, int, int]  # (path, offset, size); size -1 = whole file
+    annotation: Tuple[str, int, int]
+
+
+def _folder_refs(root: Path) -> List[SampleRef]:
+    refs = []
+    for jpg in sorted(root.glob("sa_*.jpg")):
+        js = jpg.with_suffix(".json")
+        if js.exists():
+            refs.append(SampleRef(str(jpg), (str(jpg), 0, -1), (str(js), 0, -1)))
+        else:
+            logger.warning("%s: no matching .json, skipped", jpg)
+    return refs
+
+
+def _shard_refs(shard: Path, strict: bool) -> List[SampleRef]:
+    members: Dict[str, Tuple[int, int]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    members[m.name] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as err:
+        message = f"{shard}: unreadable tar shard ({err}); {len(members)} members indexed before the damage"
+        if strict:
+            raise SampleError(message) from err
+        warnings.warn(message)
+    size = shard.stat().st_size
+    refs = []
+    for name, (offset, length) in sorted(members.items()):
+        if not name.endswith(".jpg"):
+            continue
+        js = name[:-4] + ".json"
+        if js not in members:
+            continue
+        if offset + length > size or members[js][0] + members[js][1] > size:
+            message = f"{shard}: member {name} is truncated"
+            if strict:
+                raise SampleError(message)
+            warnings.warn(message)
+            continue
+        refs.append(SampleRef(f"{shard}:{name}", (str(shard), offset, length), (str(shard), *members[js])))
+    return refs
+
+
+def find_samples(root: Path, shards: Optional[Sequence[str]] = None, strict: bool = False) -> List[SampleRef]:
+    """All samples under ``root``: ``sa_*.jpg``/``.json`` pairs and ``sa_*.tar`` shards
+    (only the named ``shards`` if given)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: SA-1B data folder not found")
+    tar_paths = sorted(root.glob("*.tar"))
+    if shards:
+        wanted = {Path(s).name for s in shards}
+        missing = wanted - {p.name for p in tar_paths}
+        if missing:
+            raise FileNotFoundError(f"{root}: shards not found: {sorted(missing)}")
+        tar_paths = [p for p in tar_paths if p.name in wanted]
+    refs = [] if shards else _folder_refs(root)
+    for shard in tar_paths:
+        refs.extend(_shard_refs(shard, strict))
+    if not refs:
+        raise FileNotFoundError(f"{root}: no SA-1B samples (sa_*.jpg + sa_*.json, or *.tar shards)")
+    return refs
+
+
+def select_subset(refs: List[SampleRef], fraction: Optional[float] = None, count: Optional[int] = None,
+                  seed: int = 0) -> List[SampleRef]:
+    """A deterministic subset: the same seed gives the same samples on every machine."""
+    if fraction is None and count is None:
+        return refs
+    n = len(refs) if count is None else min(count, len(refs))
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"data.fraction must be in (0, 1], got {fraction}")
+        n = min(n, max(1, round(fraction * len(refs))))
+    order = np.random.default_rng(seed).permutation(len(refs))[:n]
+    return [refs[i] for i in sorted(order)]
+
+
+def _read(where: Tuple[str, int, int]) -> bytes:
+    path, offset, size = where
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read() if size < 0 else f.read(size)
+    if size >= 0 and len(data) != size:
+        raise SampleError(f"{path}: expected {size} bytes at offset {offset}, read {len(data)} (truncated)")
+    return data
+
+
+class SA1BDataset(torch.utils.data.Dataset):
+    """SA-1B samples prepared for SAM training.
+
+    Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy in input
+    coordinates with noise; ``points`` (M, 1, 2) one positive point inside each mask;
+    ``masks`` (M, S/4, S/4) float targets at the mask decoder's resolution; ``valid`` (M,)
+    which of the ``max_masks`` slots hold a mask. Randomness comes from
+    (seed, epoch, index), so it does not depend on worker or rank.
+    """
+
+    def __init__(self, refs: List[SampleRef], img_size: int = 1024, max_masks: int = 16, box_noise: float = 0.1,
+                 seed: int = 0, strict: bool = False) -> None:
+        self.refs, self.img_size, self.max_masks = refs, img_size, max_masks
+        self.box_noise, self.seed, self.strict, self.epoch = box_noise, seed, strict, 0
+        self.transform = ResizeLongestSide(img_size)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, ref: SampleRef) -> Tuple[np.ndarray, List[np.ndarray]]:
+        """Decode image and masks; raises ``SampleError`` naming the file on any defect."""
+        try:
+            image = np.asarray(Image.open(io.BytesIO(_read(ref.image))).convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise SampleError(f"{ref.name}: corrupt or unreadable image ({err})") from err
+        try:
+            record = json.loads(_read(ref.annotation))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SampleError(f"{ref.name}: annotation is not valid JSON ({err})") from err
+        if not isinstance(record, dict) or "annotations" not in record:
+            raise SampleError(f"{ref.name}: annotation JSON has no 'annotations' list")
+        h, w = image.shape[:2]
+        masks = []
+        for ann in record["annotations"]:
+            seg = ann.get("segmentation")
+            if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+                raise SampleError(f"{ref.name}: annotation {ann.get('id')} has no COCO RLE segmentation")
+            if list(seg["size"]) != [h, w]:
+                raise SampleError(f"{ref.name}: RLE of annotation {ann.get('id')} is {seg['size']} but the image is {[h, w]}")
+            try:
+                masks.append(mask_utils.decode(seg).astype(bool))
+            except Exception as err:
+                raise SampleError(f"{ref.name}: annotation {ann.get('id')} has a corrupt RLE ({err})") from err
+        masks = [m for m in masks if m.any()]
+        if not masks:
+            raise SampleError(f"{ref.name}: image has no masks")
+        return image, masks
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
+        ref = self.refs[index]
+        try:
+            image, masks = self.load(ref)
+        except SampleError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipped: {err}")
+            return None
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return self.prepare(image, masks, rng)
+
+    def prepare(self, image: np.ndarray, masks: List[np.ndarray], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        s, m = self.img_size, self.max_masks
+        chosen = rng.permutation(len(masks))[:m]
+        resized = self.transform.apply_image(image)
+        rh, rw = resized.shape[:2]
+        pixels = np.zeros((s, s, 3), np.float32)
+        pixels[:rh, :rw] = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+        low = s // 4
+        targets = np.zeros((m, low, low), np.float32)
+        boxes = np.zeros((m, 4), np.float32)
+        points = np.zeros((m, 1, 2), np.float32)
+        valid = np.zeros(m, bool)
+        scale = s / max(image.shape[:2])
+        for slot, j in enumerate(chosen):
+            mask = masks[j]
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            # box noise as in SAM's training: a fraction of the side, at most 20 px
+            noise = np.minimum(self.box_noise * np.array([x1 - x0, y1 - y0] * 2), 20) * rng.standard_normal(4)
+            boxes[slot] = (np.array([x0, y0, x1, y1]) + noise).clip(0, [image.shape[1], image.shape[0]] * 2) * scale
+            k = rng.integers(len(xs))
+            points[slot, 0] = (np.array([xs[k], ys[k]], np.float32) + 0.5) * scale
+            full = np.zeros((s, s), np.float32)
+            full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
+            targets[slot] = full.reshape(low, 4, low, 4).mean(axis=(1, 3)) >= 0.5
+            valid[slot] = True
+        return {
+            "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+            "boxes": torch.from_numpy(boxes),
+            "points": torch.from_numpy(points),
+            "masks": torch.from_numpy(targets),
+            "valid": torch.from_numpy(valid),
+        }
+
+
+def collate_skipping(batch: List[Optional[Dict[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
+    """Stack the usable samples; ``skipped`` counts those dropped (``None``)."""
+    kept = [b for b in batch if b is not None]
+    out = {k: torch.stack([b[k] for b in kept]) for k in kept[0]} if kept else {}
+    out["skipped"] = torch.tensor(len(batch) - len(kept))
+    return out

@@ -1,0 +1,167 @@
+"""Synthetic data in the real SA-1B, COCO and LVIS formats: images with known object masks.
+
+Each image is a textured background with a few shapes (rectangles, ellipses, triangles) in
+random colours and textures, drawn in order so later shapes occlude earlier ones; every
+object's mask is its visible region. Written exactly as the released data is: ``sa_<id>.jpg``
++ ``sa_<id>.json`` with COCO compressed RLE, optionally as ``sa_000000.tar`` shards, and a
+held-out split as COCO and LVIS instance files (category = shape kind).
+"""
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+CATEGORIES = [
+    {"id": 1, "name": "rectangle", "frequency": "f"},
+    {"id": 2, "name": "ellipse", "frequency": "c"},
+    {"id": 3, "name": "triangle", "frequency": "r"},
+]
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    kind = rng.integers(3)
+    if kind == 0:  # stripes
+        period = rng.uniform(6, 20)
+        pattern = 0.5 + 0.5 * np.sin((xx * rng.uniform(-1, 1) + yy) / period * 2 * np.pi)
+    elif kind == 1:  # checker
+        size = int(rng.integers(5, 15))
+        pattern = ((xx // size + yy // size) % 2).astype(np.float32)
+    else:  # flat
+        pattern = np.ones((h, w), np.float32)
+    shade = 0.75 + 0.25 * pattern[..., None]
+    return np.clip(colour * shade + rng.normal(0, 6, (h, w, 3)), 0, 255)
+
+
+def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    ry, rx = rng.uniform(0.08, 0.3) * h, rng.uniform(0.08, 0.3) * w
+    if kind == 1:  # rectangle
+        return (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
+    if kind == 2:  # ellipse
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2.1, 4.2]) + rng.uniform(-0.3, 0.3, 3)
+    pts = np.stack([cx + rx * 1.3 * np.cos(angles), cy + ry * 1.3 * np.sin(angles)], 1)
+    inside = np.ones((h, w), bool)
+    for i in range(3):  # same side of every edge as the opposite vertex
+        (x0, y0), (x1, y1), (x2, y2) = pts[i], pts[(i + 1) % 3], pts[(i + 2) % 3]
+        side = (x1 - x0) * (yy - y0) - (y1 - y0) * (xx - x0)
+        ref = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+        inside &= side * ref > 0
+    return inside
+
+
+def render_image(seed: int, height: int = 240, width: int = 320, max_objects: int = 5) -> Tuple[np.ndarray, List[Dict]]:
+    """One synthetic image (H, W, 3) uint8 and its objects [{mask (H, W) bool, category_id}]."""
+    rng = np.random.default_rng(seed)
+    image = _texture(rng, height, width, rng.uniform(60, 200, 3))
+    objects: List[Dict] = []
+    for _ in range(int(rng.integers(2, max_objects + 1))):
+        kind = int(rng.integers(1, 4))
+        mask = _shape_mask(rng, kind, height, width)
+        if mask.sum() < 50:
+            continue
+        image[mask] = _texture(rng, height, width, rng.uniform(0, 255, 3))[mask]
+        for obj in objects:  # occlusion: earlier objects lose what the new one covers
+            obj["mask"] &= ~mask
+        objects.append({"mask": mask, "category_id": kind})
+    objects = [o for o in objects if o["mask"].sum() >= 30]
+    return image.astype(np.uint8), objects
+
+
+def _rle(mask: np.ndarray) -> Dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _bbox(rle: Dict) -> List[float]:
+    return [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def sa1b_record(image_id: int, objects: List[Dict], height: int, width: int) -> Dict:
+    anns = []
+    for j, obj in enumerate(objects):
+        rle = _rle(obj["mask"])
+        ys, xs = np.nonzero(obj["mask"])
+        anns.append({
+            "id": image_id * 1000 + j,
+            "segmentation": rle,
+            "bbox": _bbox(rle),
+            "area": int(obj["mask"].sum()),
+            "predicted_iou": 1.0,
+            "stability_score": 1.0,
+            "crop_box": [0, 0, width, height],
+            "point_coords": [[float(xs[len(xs) // 2]), float(ys[len(ys) // 2])]],
+        })
+    return {"image": {"image_id": image_id, "width": width, "height": height, "file_name": f"sa_{image_id}.jpg"},
+            "annotations": anns}
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def write_sa1b(root: Path, num_images: int, seed: int = 0, height: int = 240, width: int = 320,
+               images_per_shard: int = 0) -> List[Path]:
+    """Write ``num_images`` SA-1B samples into ``root`` as files, or as tar shards of
+    ``images_per_shard`` if > 0. Returns the written paths."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written, tar = [], None
+    for i in range(num_images):
+        image_id = seed * 1_000_000 + i + 1
+        image, objects = render_image(image_id, height, width)
+        jpg, js = _jpeg(image), json.dumps(sa1b_record(image_id, objects, height, width)).encode()
+        if images_per_shard <= 0:
+            (root / f"sa_{image_id}.jpg").write_bytes(jpg)
+            (root / f"sa_{image_id}.json").write_bytes(js)
+            written.append(root / f"sa_{image_id}.jpg")
+            continue
+        if i % images_per_shard == 0:
+            if tar is not None:
+                tar.close()
+            written.append(root / f"sa_{i // images_per_shard:06d}.tar")
+            tar = tarfile.open(written[-1], "w")
+        for name, payload in ((f"sa_{image_id}.jpg", jpg), (f"sa_{image_id}.json", js)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    if tar is not None:
+        tar.close()
+    return written
+
+
+def write_instances(root: Path, num_images: int, seed: int = 1, height: int = 240, width: int = 320) -> Dict[str, Path]:
+    """A held-out split: ``images/*.jpg`` plus ``instances_coco.json`` and ``instances_lvis.json``."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(num_images):
+        image_id = seed * 1_000_000 + i + 1
+        image, objects = render_image(image_id, height, width)
+        name = f"{image_id:012d}.jpg"
+        (root / "images" / name).write_bytes(_jpeg(image))
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width,
+                       "coco_url": f"http://images.cocodataset.org/val2017/{name}"})
+        for obj in objects:
+            rle = _rle(obj["mask"])
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": obj["category_id"],
+                         "segmentation": rle, "area": float(obj["mask"].sum()), "bbox": _bbox(rle), "iscrowd": 0})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in CATEGORIES]}
+    lvis_images = [dict(im, neg_category_ids=[], not_exhaustive_category_ids=[]) for im in images]
+    lvis = {"images": lvis_images, "annotations": [{k: v for k, v in a.items() if k != "iscrowd"} for a in anns],
+            "categories": [dict(c, synset=f"{c['name']}.n.01", image_count=0, instance_count=0) for c in CATEGORIES]}
+    paths = {"coco": root / "instances_coco.json", "lvis": root / "instances_lvis.json"}
+    paths["coco"].write_text(json.dumps(coco))
+    paths["lvis"].write_text(json.dumps(lvis))
+    return paths
