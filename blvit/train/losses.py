@@ -1,0 +1,61 @@
+"""Losses for SAM training: feature distillation and SAM's mask loss."""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """(B, C, H, W) embeddings -> scalar. cosine: mean over positions of 1 - cos(s, t) across C."""
+    student, teacher = student.float(), teacher.float()
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"unknown distillation loss {kind!r}; choose cosine or mse")
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """(..., H, W) -> (...): sigmoid focal loss averaged over pixels."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(-2).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """(..., H, W) -> (...)."""
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (...): IoU of the thresholded prediction."""
+    pred = (logits > 0).flatten(-2).float()
+    t = target.flatten(-2)
+    inter = (pred * t).sum(-1)
+    return inter / (pred.sum(-1) + t.sum(-1) - inter).clamp(min=1)
+
+
+def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
+                  focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0) -> Dict[str, torch.Tensor]:
+    """SAM's loss on multimask output: the best of the K masks by focal:dice, plus MSE of the
+    predicted IoU for that mask.
+
+    Args:
+        logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
+    Returns:
+        {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad)}.
+    """
+    logits = logits.float()
+    target = target[:, None].expand_as(logits)
+    per_mask = focal_weight * focal_loss(logits, target) + dice_weight * dice_loss(logits, target)  # (M, K)
+    best = per_mask.argmin(dim=1, keepdim=True)
+    mask_term = per_mask.gather(1, best).squeeze(1)
+    with torch.no_grad():
+        actual_iou = mask_iou(logits, target).gather(1, best).squeeze(1)
+    iou_term = F.mse_loss(iou_pred.float().gather(1, best).squeeze(1), actual_iou, reduction="none")
+    return {"mask": mask_term.mean(), "iou": iou_weight * iou_term.mean(), "mask_iou": actual_iou.mean()}
