@@ -3,6 +3,7 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 
@@ -31,6 +32,7 @@ class BigLittleImageEncoder(nn.Module):
         # Set True to keep the last forward's selections in ``last_selections`` (demo, plots).
         self.record_selections = False
         self.last_selections: Dict[int, TokenSelection] = {}
+        self.grad_checkpointing = False  # recompute block activations in backward (training memory)
         grid = (config.grid_size, config.grid_size)
         self.patch_embed = PatchEmbed(
             kernel_size=(config.patch_size, config.patch_size),
@@ -107,6 +109,9 @@ class BigLittleImageEncoder(nn.Module):
                     predictor(x), grid, self.config.window_size, self.config.keep_ratio, self.config.router_score
                 )
                 selections[i] = selection
-            x = block(x, grid, selection)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, grid, selection, use_reentrant=False)
+            else:
+                x = block(x, grid, selection)
         x = self.neck(x.view(b, h, w, c).permute(0, 3, 1, 2))
         return x, selections

@@ -130,7 +130,7 @@ class SA1BDataset(torch.utils.data.Dataset):
     Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy in input
     coordinates with noise; ``points`` (M, 1, 2) one positive point inside each mask;
     ``masks`` (M, S/4, S/4) float targets at the mask decoder's resolution; ``valid`` (M,)
-    which of the ``max_masks`` slots hold a mask. Randomness comes from
+    which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt. Randomness comes from
     (seed, epoch, index), so it does not depend on worker or rank.
     """
 
@@ -199,6 +199,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         boxes = np.zeros((m, 4), np.float32)
         points = np.zeros((m, 1, 2), np.float32)
         valid = np.zeros(m, bool)
+        use_box = rng.random(m) < 0.5  # SAM trains on a box or a point, with equal odds
         scale = s / max(image.shape[:2])
         for slot, j in enumerate(chosen):
             mask = masks[j]
@@ -219,6 +220,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             "points": torch.from_numpy(points),
             "masks": torch.from_numpy(targets),
             "valid": torch.from_numpy(valid),
+            "use_box": torch.from_numpy(use_box),
         }
 
 

@@ -1,0 +1,36 @@
+"""Train a model: ``python tools/train.py --config configs/sam/quickstart.yaml [key=value ...]``.
+
+Runs as one process (CPU or one GPU) or under ``torchrun`` (DDP over GPUs and nodes).
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blvit.train.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML recipe (configs/sam/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest.txt")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.root=/data/sa1b")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    from blvit.train.sam_trainer import train
+
+    summary = train(cfg, resume=args.resume, strict=args.strict)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
