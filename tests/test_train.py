@@ -1,0 +1,101 @@
+"""Training: config errors, bad samples, resume equivalence, learning."""
+import json
+import tarfile
+import warnings
+
+import pytest
+import torch
+
+from blvit.data.sa1b import SA1BDataset, SampleError, find_samples
+from blvit.data.synthetic import write_sa1b
+from blvit.train.config import ConfigError, load_config
+from blvit.train.sam_trainer import train
+
+QUICK = "configs/sam/quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def sa1b_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sa1b")
+    write_sa1b(root, 8, seed=0)
+    return root
+
+
+def test_unknown_config_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step'.*valid keys in train.*'max_steps'"):
+        load_config(QUICK, ["train.max_step=3"])
+    cfg = load_config(QUICK, ["train.max_steps=3", "data.root=/x"])
+    assert cfg["train"]["max_steps"] == 3 and cfg["data"]["root"] == "/x"
+
+
+def _corrupt_copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    jpgs = sorted(dst.glob("sa_*.jpg"))
+    jpgs[0].write_bytes(b"not a jpeg")
+    rec = json.loads(jpgs[1].with_suffix(".json").read_text())
+    rec["annotations"][0]["segmentation"]["size"] = [10, 10]
+    jpgs[1].with_suffix(".json").write_text(json.dumps(rec))
+    jpgs[2].with_suffix(".json").write_text(json.dumps({"image": {}}))
+    rec = json.loads(jpgs[3].with_suffix(".json").read_text())
+    rec["annotations"] = []
+    jpgs[3].with_suffix(".json").write_text(json.dumps(rec))
+    return jpgs
+
+
+def test_bad_samples_are_skipped_with_names_or_fatal_when_strict(sa1b_root, tmp_path):
+    jpgs = _corrupt_copy(sa1b_root, tmp_path / "bad")
+    ds = SA1BDataset(find_samples(tmp_path / "bad"), img_size=256, max_masks=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    assert sum(item is None for item in items) == 4
+    text = "\n".join(str(w.message) for w in caught)
+    assert f"{jpgs[0]}: corrupt or unreadable image" in text
+    assert "is [10, 10] but the image is [240, 320]" in text
+    assert "no 'annotations'" in text and "image has no masks" in text
+    strict = SA1BDataset(find_samples(tmp_path / "bad"), img_size=256, strict=True)
+    with pytest.raises(SampleError, match="corrupt or unreadable image"):
+        strict[0]
+
+
+def test_truncated_tar_shard(tmp_path):
+    (shard,) = write_sa1b(tmp_path, 4, images_per_shard=4)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="sa_000000.tar"):
+        refs = find_samples(tmp_path)
+    assert 0 < len(refs) < 4
+    with pytest.raises(SampleError, match="sa_000000.tar"):
+        find_samples(tmp_path, strict=True)
+
+
+def _run(root, out, *extra):
+    cfg = load_config(QUICK, [f"data.root={root}", f"output_dir={out}", "train.epochs=2", "train.batch_size=2",
+                              "train.save_every=1", *extra])
+    return cfg
+
+
+def test_resume_gives_the_same_weights(sa1b_root, tmp_path):
+    """Roll a finished run back to its step-3 checkpoint (what a process killed after step 3
+    leaves behind), resume, and compare with the uninterrupted run's final weights."""
+    import shutil
+
+    full = train(_run(sa1b_root, tmp_path / "full", "train.keep_last=10"))
+    ckpts = tmp_path / "part" / "checkpoints"
+    shutil.copytree(tmp_path / "full" / "checkpoints", ckpts)
+    for path in ckpts.glob("step_*.pth"):
+        if int(path.stem.split("_")[1]) > 3:
+            path.unlink()
+    (ckpts / "latest.txt").write_text("step_3.pth")
+    result = train(_run(sa1b_root, tmp_path / "part", "train.keep_last=2"), resume=True)
+    assert result["steps"] == full["steps"] == 8
+    a = torch.load(tmp_path / "full/checkpoints/step_8.pth", weights_only=True)["model"]
+    b = torch.load(ckpts / "step_8.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    first = torch.load(tmp_path / "full/checkpoints/step_1.pth", weights_only=True)["model"]
+    assert any(not torch.equal(first[k], a[k]) for k in a)  # training did change the weights
+    assert len(list(ckpts.glob("step_*.pth"))) == 2  # keep_last
+    assert (ckpts / "best.pth").exists() and (tmp_path / "part/loss_curve.png").exists()
