@@ -39,9 +39,12 @@ class SamTrainingModule(nn.Module):
 
     def prompt_losses(self, embeddings: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         sam, cfg = self.sam, self.loss_cfg
+        # Mean over each image's masks, then over images: the same objective whatever the
+        # split of a global batch across processes.
         terms = {"mask": [], "iou": [], "mask_iou": []}
         image_pe = sam.prompt_encoder.get_dense_pe()
         for i in range(embeddings.shape[0]):
+            count = batch["valid"][i].sum().clamp(min=1)
             for is_box in (True, False):
                 pick = batch["valid"][i] & (batch["use_box"][i] == is_box)
                 if not bool(pick.any()):
@@ -56,9 +59,8 @@ class SamTrainingModule(nn.Module):
                 out = sam_mask_loss(logits, iou_pred, batch["masks"][i][pick], cfg["focal_weight"],
                                     cfg["dice_weight"], cfg["iou_weight"])
                 for k in terms:
-                    terms[k].append(out[k] * pick.sum())
-        count = batch["valid"].sum().clamp(min=1)
-        return {k: torch.stack(v).sum() / count for k, v in terms.items()}
+                    terms[k].append(out[k] * pick.sum() / count)
+        return {k: torch.stack(v).sum() / embeddings.shape[0] for k, v in terms.items()}
 
     def forward(self, batch: Dict[str, torch.Tensor], teacher_embeddings: Optional[torch.Tensor] = None):
         cfg = self.loss_cfg
@@ -260,6 +262,10 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
                 ema.update_parameters(student)
             state["step"] += 1
             record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            if world > 1:  # log the global-batch mean, not rank 0's share
+                values = torch.tensor(list(record.values()), dtype=torch.float64)
+                torch_dist.all_reduce(values)
+                record = dict(zip(record, (values / world).tolist()))
             record.update(step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0], skipped=skipped_total)
             window = []
             if rank == 0:
