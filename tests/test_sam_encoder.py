@@ -6,7 +6,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_
 
 from blvit.flops import analytic_sam_encoder_macs, count_macs_on_meta
 from blvit.utils.io import CheckpointError
-from sam_adapter import BigLittleImageEncoder, build_sam_blvit, build_sam_stock, make_config, save_blvit_sam_checkpoint
+from sam_adapter import BigLittleImageEncoder, build_sam_blvit, make_config, save_blvit_sam_checkpoint
 from sam_adapter.checkpoint import load_e_blocks_from_sam
 from sam_adapter.config import VARIANTS
 
@@ -180,8 +180,6 @@ def test_gpu_saved_checkpoint_loads_on_cpu(tmp_path, monkeypatch, tiny_sam_check
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(gpu_path, weights_only=True)
-    sam = build_sam_stock("vit_b", None)  # stock builder, our CPU-safe loader
-    del sam
     model = build_sam_blvit("b+t", sam_checkpoint=gpu_path, keep_ratio=1.0, **TINY_BT)
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():

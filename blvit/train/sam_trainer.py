@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from blvit.data.sa1b import SA1BDataset, collate_skipping, find_samples, select_subset
-from blvit.utils.io import atomic_save, read_checkpoint
+from blvit.utils.io import atomic_save, atomic_write_text, read_checkpoint
 from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
@@ -212,7 +212,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
                    "model": student.state_dict(), "train_state": train_state}
         name = f"{tag}.pth"
         atomic_save(payload, ckpt_dir / name)
-        atomic_save_text(ckpt_dir / "latest.txt", name)
+        atomic_write_text(ckpt_dir / "latest.txt", name)
         if loss_value < state["best_loss"]:
             state["best_loss"] = loss_value
             atomic_save(payload, ckpt_dir / "best.pth")
@@ -289,12 +289,6 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     if rank == 0:
         plot_losses(metrics_path, out_dir / "loss_curve.png")
     return summary
-
-
-def atomic_save_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_metrics(path: Path):

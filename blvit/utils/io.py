@@ -2,7 +2,7 @@
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, BinaryIO, Callable, Dict, Mapping, Union
 
 import torch
 
@@ -13,17 +13,15 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, wrong model, wrong shapes."""
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
+def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write`` to a temporary file in the same folder, fsync, then rename over
+    ``path``: a crash mid-write leaves the previous file intact, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +30,16 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write a small text file (e.g. the name of the latest checkpoint) atomically."""
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_checkpoint(path: PathLike) -> Dict[str, Any]:
