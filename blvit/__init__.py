@@ -1,6 +1,7 @@
 """blvit: big.LITTLE Vision Transformers and token merging for cheaper vision models."""
 from .blocks import BigLittleBlock, DenseBlock, EBlock
 from .routing import TokenPredictor, TokenSelection, select_global, select_windowed
+from . import models  # noqa: F401,E402  (registers the classifiers with timm)
 
 __version__ = "0.1.0"
 

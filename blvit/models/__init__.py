@@ -1,0 +1,35 @@
+"""ImageNet classifiers: the bLViT classifier and the EViT baseline, registered with timm.
+
+Importing this package (``import blvit`` does) registers ``blvit_base_tiny_patch16_224``,
+``blvit_small_tiny_patch16_224``, ``evit_base_patch16_224`` and ``evit_small_patch16_224``.
+"""
+from .blvit_vit import (
+    VARIANTS,
+    BigLittleViT,
+    BigLittleViTConfig,
+    analytic_classifier_macs,
+    checkpoint_filter_fn,
+    classifier_macs,
+    load_blvit_checkpoint,
+    load_dense_checkpoint,
+    load_e_blocks_from_deit,
+    make_config,
+    save_blvit_checkpoint,
+)
+from .evit import EViT, reorganize_tokens
+
+__all__ = [
+    "VARIANTS",
+    "BigLittleViT",
+    "BigLittleViTConfig",
+    "EViT",
+    "analytic_classifier_macs",
+    "checkpoint_filter_fn",
+    "classifier_macs",
+    "load_blvit_checkpoint",
+    "load_dense_checkpoint",
+    "load_e_blocks_from_deit",
+    "make_config",
+    "reorganize_tokens",
+    "save_blvit_checkpoint",
+]

@@ -1,0 +1,240 @@
+"""EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022): the token-reorganisation
+baseline on DeiT, registered with timm as ``evit_base_patch16_224`` / ``evit_small_patch16_224``.
+
+At the reorganisation layers (0-based 3, 6, 9: the paper's blocks 4, 7, 10), after the block's
+attention sub-block, the image tokens are ranked by the class token's attention to them
+(averaged over heads); the top ``ceil(keep_rate * M)`` of the M image tokens are kept and the
+rest are fused into one token, their sum weighted by that attention (as EViT's released code
+does: the weights are not renormalised), appended after the kept tokens. The MLP sub-block and
+every later layer then run on the shorter sequence; a fused token of an earlier layer is an
+ordinary token later. At keep_rate 0.7 and 224 x 224 the sequence goes 197 -> 140 -> 100 -> 72.
+
+The class-token attention row is computed explicitly (one query row per head: O(N C)) in the
+reorganisation layers only; the attention itself is SDPA everywhere. At keep_rate 1.0 no token
+is dropped and the model is DeiT (same weights, same output). Parameter names are those of
+``blvit.blocks.DenseBlock``, so DeiT checkpoints load through
+:func:`blvit.models.blvit_vit.checkpoint_filter_fn`.
+"""
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import DenseBlock
+from .blvit_vit import ClassTokenViT, _cfg, checkpoint_filter_fn, load_dense_checkpoint
+
+__all__ = ["EViT", "EViTBlock", "evit_kept_tokens", "reorganize_tokens"]
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Per-sample stochastic depth on a residual branch: (B, L, C) -> (B, L, C)."""
+    if rate <= 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    return x * (x.new_empty(x.shape[0], 1, 1).bernoulli_(keep) / keep)
+
+
+def evit_kept_tokens(num_image_tokens: int, keep_rate: float) -> int:
+    """Attentive image tokens EViT keeps: ceil(keep_rate * M)."""
+    return min(num_image_tokens, math.ceil(keep_rate * num_image_tokens))
+
+
+def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True) -> torch.Tensor:
+    """Keep the attentive image tokens, fuse the others into one.
+
+    Args:
+        x: (B, 1 + M, C) tokens, class token first.
+        cls_attn: (B, M) the class token's attention to each image token, averaged over heads.
+        keep_rate: fraction of the M image tokens kept (k = ceil(keep_rate * M)).
+        fuse: append the attention-weighted sum of the dropped tokens as one token.
+    Returns:
+        (B, 1 + k + 1, C) with ``fuse`` (class token, kept tokens by decreasing attention, fused
+        token), (B, 1 + k, C) without; ``x`` itself when k = M.
+    """
+    b, n, c = x.shape
+    m = n - 1
+    k = evit_kept_tokens(m, keep_rate)
+    if k >= m:
+        return x
+    tokens = x[:, 1:]
+    index = cls_attn.topk(k, dim=1, largest=True, sorted=True).indices  # (B, k)
+    kept = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, c))
+    parts = [x[:, :1], kept]
+    if fuse:
+        weights = cls_attn.scatter(1, index, 0.0).to(tokens.dtype)  # the dropped tokens' attention
+        parts.append(torch.bmm(weights.unsqueeze(1), tokens))  # (B, 1, C)
+    return torch.cat(parts, dim=1)
+
+
+class EViTBlock(DenseBlock):
+    """A DeiT block (``DenseBlock`` names) with per-branch stochastic depth that, if
+    ``reorganize`` and keep_rate < 1, reorganises the tokens between its attention and MLP.
+
+    (B, L, C) -> (B, L', C): L' = L, or 1 + k + 1 after a reorganisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        reorganize: bool = False,
+    ) -> None:
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias)
+        self.drop_path = drop_path
+        self.reorganize = reorganize
+
+    def attention_with_cls_attn(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B, L, C) normalised -> (attention output (B, L, C), class attention (B, L - 1)).
+
+        SDPA for the output; the class token's softmax row, explicitly, for the ranking.
+        """
+        attn = self.attn
+        b, length, _ = x.shape
+        qkv = attn.qkv(x).view(b, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, h, L, d)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, -1)
+        cls_logits = (q[:, :, :1] * attn.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, 1, L)
+        cls_attn = cls_logits.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)  # (B, L - 1)
+        return attn.proj(out), cls_attn
+
+    def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True) -> torch.Tensor:
+        xn = self.norm1(x)
+        if self.reorganize and evit_kept_tokens(x.shape[1] - 1, keep_rate) < x.shape[1] - 1:
+            out, cls_attn = self.attention_with_cls_attn(xn)
+            x = x + drop_path(out, self.drop_path, self.training)
+            x = reorganize_tokens(x, cls_attn, keep_rate, fuse_token)
+        else:
+            x = x + drop_path(self.attn(xn), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class EViT(ClassTokenViT):
+    """DeiT with EViT token reorganisation (timm interface).
+
+    (B, in_chans, img_size, img_size) -> (B, num_classes). ``forward_features``:
+    -> (B, L, C) normalised tokens, L = ``token_counts()[-1]`` (72 for DeiT-B at 0.7, 224).
+    ``keep_rate`` may be changed at any time (EViT's training warms it up from 1.0).
+    """
+
+    def __init__(
+        self,
+        img_size: Any = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        keep_rate: float = 0.7,
+        reorganize_layers: Sequence[int] = (3, 6, 9),
+        fuse_token: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "token",
+    ) -> None:
+        """
+        Args:
+            keep_rate: fraction of image tokens kept at each reorganisation layer, in (0, 1].
+            reorganize_layers: 0-based layers that reorganise (EViT's blocks 4, 7, 10).
+            fuse_token: fuse the inattentive tokens into one (EViT) or drop them.
+            drop_path_rate: stochastic depth, rising linearly to this rate at the last layer.
+        """
+        if isinstance(img_size, (tuple, list)):  # timm passes input_size[-2:]
+            if len(img_size) != 2 or img_size[0] != img_size[1]:
+                raise ValueError(f"EViT takes square images, got img_size={tuple(img_size)}")
+            img_size = img_size[0]
+        if global_pool != "token":
+            raise ValueError(f"only class-token pooling is supported, got global_pool={global_pool!r}")
+        bad = [i for i in reorganize_layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"reorganize_layers {bad} outside 0..{depth - 1}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} not a multiple of patch_size {patch_size}")
+        super().__init__(int(img_size), patch_size, in_chans, embed_dim)
+        self.keep_rate = keep_rate
+        self.fuse_token = fuse_token
+        self.reorganize_layers = tuple(sorted(int(i) for i in reorganize_layers))
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            EViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], i in self.reorganize_layers)
+            for i in range(depth)
+        )
+        self._init_head(num_classes, drop_rate)
+        self.init_weights()
+
+    @property
+    def keep_rate(self) -> float:
+        return self._keep_rate
+
+    @keep_rate.setter
+    def keep_rate(self, value: float) -> None:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"keep_rate {value} must be in (0, 1]")
+        self._keep_rate = float(value)
+
+    def token_counts(self, keep_rate: Optional[float] = None) -> List[int]:
+        """Tokens (class token included) after each layer; static for a given keep rate."""
+        keep_rate = self.keep_rate if keep_rate is None else keep_rate
+        n = 1 + self.patch_embed.num_patches
+        counts = []
+        for i in range(len(self.blocks)):
+            if i in self.reorganize_layers:
+                k = evit_kept_tokens(n - 1, keep_rate)
+                if k < n - 1:
+                    n = 1 + k + int(self.fuse_token)
+            counts.append(n)
+        return counts
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, L, C) normalised tokens, class token first."""
+        x = self._embed(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.keep_rate, self.fuse_token, use_reentrant=False)
+            else:
+                x = block(x, self.keep_rate, self.fuse_token)
+        return self.norm(x)
+
+
+default_cfgs = generate_default_cfgs({
+    "evit_base_patch16_224": _cfg(),
+    "evit_small_patch16_224": _cfg(),
+})
+
+_DEIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+_DEIT_S = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+
+
+def _create_evit(name: str, arch: dict, source: str, pretrained: bool = False, **kwargs: Any) -> EViT:
+    """``dense_checkpoint=`` a DeiT file of the same size (timm state dict or DeiT ``.pth``);
+    ``checkpoint_path=`` (timm) takes the same files, or a state dict of an EViT."""
+    dense_checkpoint = kwargs.pop("dense_checkpoint", None)
+    if pretrained:
+        raise ValueError(f"no pretrained weights are published for {name}; pass dense_checkpoint=<{source} .pth>")
+    model = build_model_with_cfg(
+        EViT, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **dict(arch, **kwargs)
+    )
+    if dense_checkpoint is not None:
+        load_dense_checkpoint(model, dense_checkpoint, source)
+    return model
+
+
+@register_model
+def evit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EViT:
+    """EViT on DeiT-B: keep_rate 0.7 by default (0.6 and others by keyword)."""
+    return _create_evit("evit_base_patch16_224", _DEIT_B, "deit_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def evit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EViT:
+    """EViT on DeiT-S: keep_rate 0.7 by default."""
+    return _create_evit("evit_small_patch16_224", _DEIT_S, "deit_small_patch16_224", pretrained, **kwargs)
