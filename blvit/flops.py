@@ -63,3 +63,15 @@ def analytic_sam_encoder_macs(config) -> Dict[str, float]:
     predictors = len(config.predictor_layers) * n * c
     total = layers + patch + neck + predictors
     return {"total": total, "layers": layers, "patch_embed": patch, "neck": neck, "predictors": predictors}
+
+
+def module_macs_on_meta(module: nn.Module, input_shape: Tuple[int, ...]) -> int:
+    """Multiply-accumulates of an existing (loaded) ``module``, counted on ``meta`` copies of its
+    parameters and buffers: no arithmetic and no second copy of the weights."""
+    from torch.func import functional_call
+
+    tensors = {name: t.to("meta") for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+    x = torch.zeros(input_shape, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        functional_call(module, tensors, (x,))
+    return int(counter.get_total_flops()) // 2

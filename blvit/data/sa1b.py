@@ -130,13 +130,14 @@ class SA1BDataset(torch.utils.data.Dataset):
     Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy in input
     coordinates with noise; ``points`` (M, 1, 2) one positive point inside each mask;
     ``masks`` (M, S/4, S/4) float targets at the mask decoder's resolution; ``valid`` (M,)
-    which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt. Randomness comes from
+    which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``index``
+    the sample's position in ``refs`` (for the teacher-embedding cache). Randomness comes from
     (seed, epoch, index), so it does not depend on worker or rank.
     """
 
     def __init__(self, refs: List[SampleRef], img_size: int = 1024, max_masks: int = 16, box_noise: float = 0.1,
-                 seed: int = 0, strict: bool = False) -> None:
-        self.refs, self.img_size, self.max_masks = refs, img_size, max_masks
+                 seed: int = 0, strict: bool = False, box_fraction: float = 0.5) -> None:
+        self.refs, self.img_size, self.max_masks, self.box_fraction = refs, img_size, max_masks, box_fraction
         self.box_noise, self.seed, self.strict, self.epoch = box_noise, seed, strict, 0
         self.transform = ResizeLongestSide(img_size)
 
@@ -185,7 +186,9 @@ class SA1BDataset(torch.utils.data.Dataset):
             warnings.warn(f"skipped: {err}")
             return None
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        return self.prepare(image, masks, rng)
+        item = self.prepare(image, masks, rng)
+        item["index"] = torch.tensor(index)
+        return item
 
     def prepare(self, image: np.ndarray, masks: List[np.ndarray], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         s, m = self.img_size, self.max_masks
@@ -199,7 +202,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         boxes = np.zeros((m, 4), np.float32)
         points = np.zeros((m, 1, 2), np.float32)
         valid = np.zeros(m, bool)
-        use_box = rng.random(m) < 0.5  # SAM trains on a box or a point, with equal odds
+        use_box = rng.random(m) < self.box_fraction  # SAM trains on a box or a point, with equal odds
         scale = s / max(image.shape[:2])
         for slot, j in enumerate(chosen):
             mask = masks[j]

@@ -1,9 +1,28 @@
 """Training configs: YAML files, defaults, dotted ``key=value`` overrides, unknown keys refused."""
 import copy
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
+
+import re
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; learning rates are written that way, so
+    accept every float notation Python accepts."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 DEFAULTS: Dict[str, Any] = {
     "task": "sam_distill",  # sam_distill: bLViT student from a dense teacher; sam_finetune: mask loss only
@@ -18,6 +37,7 @@ DEFAULTS: Dict[str, Any] = {
     },
     "teacher": {
         "checkpoint": None,  # None: a randomly initialised teacher of the student's dense layout (logged)
+        "cache_dir": None,  # precompute the teacher's embeddings here once and train from them
     },
     "data": {
         "root": "data/synthetic/sa1b_train",
@@ -27,6 +47,8 @@ DEFAULTS: Dict[str, Any] = {
         "max_masks": 8,
         "box_noise": 0.1,
         "workers": 2,
+        "val_root": None,  # SA-1B-format folder: box-prompt mIoU after every epoch, picks best.pth
+        "val_count": 64,  # at most this many validation images
     },
     "loss": {
         "distill_weight": 2.5,
@@ -42,6 +64,7 @@ DEFAULTS: Dict[str, Any] = {
         "max_steps": None,
         "batch_size": 2,  # per process
         "accumulate": 1,
+        "global_batch": None,  # if set: accumulate = global_batch / (batch_size * processes), must divide
         "lr": 1e-4,
         "weight_decay": 0.05,
         "warmup_steps": 0,
@@ -51,7 +74,7 @@ DEFAULTS: Dict[str, Any] = {
         "activation_checkpointing": False,
         "ema_decay": 0.0,  # 0: no EMA
         "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
-        "log_every": 1,
+        "tensorboard": False,  # also log to output_dir/tensorboard (needs the tensorboard package)
         "save_every": 0,  # steps; 0: at the end of each epoch only
         "keep_last": 2,
     },
@@ -72,6 +95,9 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
             _merge(base[key], value, path, free)
         else:
+            number = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
+            if number and not isinstance(value, (int, float)):
+                raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
             base[key] = value
 
 
@@ -80,7 +106,7 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw else None
+    value: Any = read_yaml(raw) if raw else None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -92,7 +118,7 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> D
     free = ("model.overrides",)  # checked by make_config against BigLittleSamConfig
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = read_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
         if not isinstance(loaded, dict):

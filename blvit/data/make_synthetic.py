@@ -1,0 +1,58 @@
+"""Write the built-in synthetic data: SA-1B-format training and validation sets and a held-out
+split in COCO and LVIS format (``blvit-synthetic``, also ``python tools/make_synthetic.py``).
+
+Layout under ``--out`` (default ``data/synthetic``)::
+
+    sa1b_train/   sa_<id>.jpg + sa_<id>.json, or sa_000000.tar ... with --images-per-shard
+    sa1b_val/     the same format, other images (validation during training)
+    heldout/      images/*.jpg, instances_coco.json, instances_lvis.json (the evaluation split)
+    manifest.json what was written, so a second call with the same arguments does nothing
+"""
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from .synthetic import write_instances, write_sa1b
+
+# Disjoint image ids: write_* number images seed * 1e6 + i + 1.
+TRAIN_SEED, HELDOUT_SEED, VAL_SEED = 0, 1, 2
+
+
+def ensure_synthetic(out: Path, train: int = 96, val: int = 16, heldout: int = 24, images_per_shard: int = 0,
+                     height: int = 240, width: int = 320) -> Dict[str, Any]:
+    """Generate the data unless ``out/manifest.json`` says it is already there with these settings."""
+    out = Path(out)
+    settings = dict(train=train, val=val, heldout=heldout, images_per_shard=images_per_shard, height=height, width=width)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == settings:
+            return manifest
+    write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard)
+    write_sa1b(out / "sa1b_val", val, VAL_SEED, height, width)
+    paths = write_instances(out / "heldout", heldout, HELDOUT_SEED, height, width)
+    manifest = {"settings": settings, "sa1b_train": str(out / "sa1b_train"), "sa1b_val": str(out / "sa1b_val"),
+                "heldout_images": str(out / "heldout" / "images"),
+                "heldout_coco": str(paths["coco"]), "heldout_lvis": str(paths["lvis"])}
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
+    parser.add_argument("--train", type=int, default=96, help="SA-1B training images")
+    parser.add_argument("--val", type=int, default=16, help="SA-1B validation images")
+    parser.add_argument("--heldout", type=int, default=24, help="COCO/LVIS held-out images")
+    parser.add_argument("--images-per-shard", type=int, default=0, help="> 0: write tar shards instead of files")
+    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--width", type=int, default=320)
+    args = parser.parse_args(argv)
+    manifest = ensure_synthetic(args.out, args.train, args.val, args.heldout, args.images_per_shard,
+                                args.height, args.width)
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""The training loop every task shares (SAM distillation, ImageNet, token-merging re-training).
+
+A task supplies a :class:`Task`: the trainable module, the dataset, a ``losses(batch)`` function
+and optionally a validation. This module owns everything else, once: process groups (torchrun,
+DDP with NCCL or gloo, or fairscale's OSS + ShardedDataParallel), AdamW with warm-up + cosine,
+gradient accumulation and clipping, bf16 autocast, EMA, the JSON-lines / TensorBoard log, the
+tqdm bar, atomic checkpoints (last N and best) and exact resume (model, optimiser, scheduler,
+EMA, RNG states and the position inside the epoch).
+"""
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from blvit.utils.io import atomic_save, atomic_write_text, read_checkpoint
+
+logger = logging.getLogger("blvit.train")
+
+
+def dist_info() -> Tuple[int, int, torch.device]:
+    """(world size, rank, device); joins the process group that torchrun describes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch_dist.get_rank() if world > 1 else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return world, rank, device
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy())] + list(np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def accumulation_steps(t: Dict[str, Any], world: int) -> int:
+    """``train.accumulate``, or what ``train.global_batch`` implies for this many processes."""
+    if not t.get("global_batch"):
+        return int(t["accumulate"])
+    per_step = t["batch_size"] * world
+    if t["global_batch"] % per_step:
+        raise ValueError(f"train.global_batch={t['global_batch']} is not a multiple of train.batch_size x processes "
+                         f"= {t['batch_size']} x {world}")
+    return t["global_batch"] // per_step
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (always) and TensorBoard scalars (optional), written by rank 0."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, rank: int) -> None:
+        self.path, self.rank, self.writer = Path(out_dir) / "metrics.jsonl", rank, None
+        if tensorboard and rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from err
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def last_record(path: Path, key: str) -> Dict[str, Any]:
+    """The last record of a metrics.jsonl that has ``key``."""
+    rows = [r for r in read_metrics(path) if key in r]
+    return rows[-1] if rows else {}
+
+
+def plot_losses(metrics_path: Path, png: Path, loss_keys: Tuple[str, ...], score_key: Optional[str]) -> None:
+    """Training losses (log scale) and the validation score (right axis) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    rows = [r for r in records if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in loss_keys:
+        if key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(loc="lower left")
+    val = [r for r in records if score_key and score_key in r]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r[score_key] for r in val], "k.--", label=score_key)
+        ax2.set_ylabel(score_key)
+        ax2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+@dataclass
+class Task:
+    """What a task gives the loop.
+
+    Attributes:
+        module: the trainable ``nn.Module``; ``losses(module_or_wrapper, batch)`` is called with
+            the DDP wrapper, so it must call the wrapper (``model(batch)``) for the forward pass.
+        dataset: map-style; items are dicts of tensors or ``None`` (a skipped bad sample).
+        collate: turns a list of items into a batch dict with a ``skipped`` count.
+        losses: (model, batch on device) -> dict of scalar tensors with a ``loss`` entry.
+        validate: () -> dict with ``score_key`` (higher is better), or None (best by -loss).
+        payload: () -> the model part of a checkpoint (a loadable model file of its own kind).
+        load: (checkpoint dict, path) -> restores the model from a checkpoint of ``payload``.
+        ema_module: the module EMA averages (default ``module``).
+        set_epoch: called with the epoch before each epoch (reseeds augmentation).
+    """
+
+    module: nn.Module
+    dataset: Dataset
+    collate: Callable[[List[Any]], Dict[str, Any]]
+    losses: Callable[[nn.Module, Dict[str, Any]], Dict[str, torch.Tensor]]
+    payload: Callable[[], Dict[str, Any]]
+    load: Callable[[Dict[str, Any], Path], None]
+    validate: Optional[Callable[[], Dict[str, float]]] = None
+    score_key: Optional[str] = None
+    ema_module: Optional[nn.Module] = None
+    set_epoch: Optional[Callable[[int], None]] = None
+    loss_keys: Tuple[str, ...] = ("loss",)
+    extra_summary: Dict[str, Any] = field(default_factory=dict)
+
+
+def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    name = t["optimizer"]
+    if name == "oss" and world == 1:
+        logger.info("train.optimizer=oss in a single process: nothing to shard, using plain AdamW")
+        name = "adamw"
+    if name == "oss":
+        from fairscale.nn.data_parallel import ShardedDataParallel
+        from fairscale.optim.oss import OSS
+
+        optimizer = OSS(params, optim=torch.optim.AdamW, lr=t["lr"], weight_decay=t["weight_decay"])
+        model = ShardedDataParallel(task.module, optimizer)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        model = task.module
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                task.module, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw or oss")
+    return model, optimizer, name, params
+
+
+def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.device, resume: bool = False) -> Dict[str, Any]:
+    """Train ``task`` as ``cfg['train']`` says; returns a summary (steps, checkpoints, last figures)."""
+    t = cfg["train"]
+    out_dir = Path(cfg["output_dir"])
+    ckpt_dir = out_dir / "checkpoints"
+    accumulate = accumulation_steps(t, world)
+    amp = (t["amp"] if t["amp"] != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    task.module.to(device)
+    model, optimizer, optimizer_name, params = _wrap(task, t, world, device)
+    dataset = task.dataset
+    batches_per_epoch = len(dataset) // (t["batch_size"] * world)
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training samples, fewer than one global batch of {t['batch_size'] * world}")
+    total_steps = t["max_steps"] or t["epochs"] * batches_per_epoch // accumulate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t["warmup_steps"], total_steps, t["min_lr_ratio"]))
+    ema_target = task.ema_module or task.module
+    ema = None
+    if t["ema_decay"]:
+        ema = torch.optim.swa_utils.AveragedModel(
+            ema_target, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]))
+
+    # best: the highest validation score when the task validates, else the lowest training loss
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": -float("inf")}
+    if resume and (ckpt_dir / "latest.txt").exists():
+        path = ckpt_dir / (ckpt_dir / "latest.txt").read_text().strip()
+        saved = read_checkpoint(path)
+        task.load(saved, path)
+        train_state = saved["train_state"]
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        if ema is not None and "ema" in train_state:
+            ema.load_state_dict(train_state["ema"])
+        set_rng_state(train_state["rng"])
+        state = train_state["progress"]
+        if rank == 0:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"], state["epoch"],
+                        state["batch_in_epoch"])
+    elif resume and rank == 0:
+        logger.warning("--resume: no %s, starting from scratch", ckpt_dir / "latest.txt")
+
+    def save(tag: str, score: Optional[float] = None) -> None:
+        """score: higher is better, decides best.pth; None for a periodic save."""
+        if optimizer_name == "oss":
+            optimizer.consolidate_state_dict(recipient_rank=0)  # collective: every rank takes part
+        if rank != 0:
+            return
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        is_best = score is not None and score > state["best"]
+        if is_best:
+            state["best"] = score
+        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                       "progress": dict(state), "config": cfg}
+        if ema is not None:
+            train_state["ema"] = ema.state_dict()
+        payload = dict(task.payload(), train_state=train_state)
+        name = f"{tag}.pth"
+        atomic_save(payload, ckpt_dir / name)
+        atomic_write_text(ckpt_dir / "latest.txt", name)
+        if is_best:
+            atomic_save(payload, ckpt_dir / "best.pth")
+        steps = sorted(ckpt_dir.glob("step_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+        for old in steps[: max(0, len(steps) - t["keep_last"])]:
+            old.unlink()
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out_dir, bool(t["tensorboard"]), rank)
+
+    def validate_and_save(train_loss: float) -> None:
+        score = -train_loss
+        if task.validate is not None:
+            result = task.validate()
+            log.write({"step": state["step"], "epoch": state["epoch"], **result})
+            score = result[task.score_key]
+        save(f"step_{state['step']}", score)
+
+    if task.validate is not None and state["step"] == 0:
+        log.write({"step": 0, "epoch": 0, **task.validate()})
+    bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="train")
+    skipped_total, window, last_loss = 0, [], float("inf")
+    done = state["step"] >= total_steps
+    while not done:
+        epoch = state["epoch"]
+        if task.set_epoch is not None:
+            task.set_epoch(epoch)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+        sampler.set_epoch(epoch)
+        # the epoch's order is a pure function of (seed, epoch): a resumed run skips what it did
+        indices = list(sampler)[: batches_per_epoch * t["batch_size"]]
+        indices = indices[state["batch_in_epoch"] * t["batch_size"]:]
+        loader = DataLoader(Subset(dataset, indices), batch_size=t["batch_size"], shuffle=False,
+                            num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            skipped_total += int(batch.pop("skipped", 0))
+            state["batch_in_epoch"] += 1
+            if not batch:  # every sample of this batch was bad
+                continue
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                losses = task.losses(model, batch)
+            (losses["loss"] / accumulate).backward()
+            window.append({k: float(v.detach()) for k, v in losses.items()})
+            if state["batch_in_epoch"] % accumulate:
+                continue
+            if t["grad_clip"]:
+                if hasattr(optimizer, "clip_grad_norm"):
+                    optimizer.clip_grad_norm(t["grad_clip"])
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+            optimizer.step()
+            # ShardedDataParallel reduces gradients through flat buckets that the .grad tensors
+            # are views of; setting them to None would detach the views and reduce stale buckets.
+            model.zero_grad(set_to_none=optimizer_name != "oss")
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(ema_target)
+            state["step"] += 1
+            record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            if world > 1:  # log the global-batch mean, not rank 0's share
+                values = torch.tensor(list(record.values()), dtype=torch.float64, device=device)
+                torch_dist.all_reduce(values)
+                record = dict(zip(record, (values / world).tolist()))
+            record.update(step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0], skipped=skipped_total)
+            window, last_loss = [], record["loss"]
+            log.write(record)
+            if rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if t["save_every"] and state["step"] % t["save_every"] == 0:
+                save(f"step_{state['step']}")
+            if state["step"] >= total_steps:
+                done = True
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+        validate_and_save(last_loss)
+    bar.close()
+    log.close()
+    if rank == 0:
+        plot_losses(log.path, out_dir / "loss_curve.png", task.loss_keys, task.score_key)
+    summary = {"steps": state["step"], "skipped": skipped_total, "checkpoint_dir": str(ckpt_dir),
+               "best_checkpoint": str(ckpt_dir / "best.pth"), "final": last_record(log.path, "loss")}
+    if task.score_key:
+        summary["validation"] = last_record(log.path, task.score_key)
+    summary.update(task.extra_summary)
+    return summary

@@ -1,0 +1,92 @@
+"""Teacher embeddings computed once and read from disk (as MobileSAM and EdgeSAM train).
+
+The SA-1B pipeline has no photometric or geometric augmentation, so the teacher's output for
+a sample never changes: computing it once saves the teacher's forward pass (for ViT-H most of
+a training step) in every later epoch. Entries are keyed by the sample's file name; a
+``meta.json`` records what produced them, so a cache made by another teacher or image size is
+refused rather than silently used.
+"""
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from blvit.data.sa1b import SA1BDataset, collate_skipping
+from blvit.utils.io import atomic_save, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def entry_name(sample_name: str) -> str:
+    return hashlib.sha1(sample_name.encode()).hexdigest()[:20] + ".pt"
+
+
+class TeacherEmbeddingCache(Dataset):
+    """Wraps an ``SA1BDataset``; each item gains ``teacher_embedding`` (C, H/16, W/16) float32."""
+
+    def __init__(self, dataset: SA1BDataset, cache_dir: Path) -> None:
+        self.dataset, self.cache_dir = dataset, Path(cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if item is None:
+            return None
+        path = self.cache_dir / entry_name(self.dataset.refs[index].name)
+        try:
+            item["teacher_embedding"] = torch.load(path, map_location="cpu", weights_only=True).float()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{path}: teacher embedding of {self.dataset.refs[index].name} missing; "
+                                    f"delete {self.cache_dir} to rebuild the cache") from err
+        return item
+
+
+def build_cache(teacher: nn.Module, dataset: SA1BDataset, cache_dir: Path, meta: Dict[str, Any], device: torch.device,
+                amp: bool, batch_size: int, rank: int = 0, world: int = 1) -> int:
+    """Compute the missing embeddings (each rank a stride of the samples); returns how many.
+
+    Stored in bfloat16 (half the disk, the precision the teacher runs at on GPU).
+    """
+    cache_dir = Path(cache_dir)
+    meta = json.loads(json.dumps(meta, sort_keys=True))  # as it reads back from disk
+    meta_path = cache_dir / "meta.json"
+    if meta_path.exists():
+        found = json.loads(meta_path.read_text())
+        if found != meta:
+            raise ValueError(f"{meta_path}: the cache was made for {found}, this run needs {meta}; "
+                             "point teacher.cache_dir elsewhere or delete it")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists() and rank == 0:
+        atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
+    todo: List[int] = [i for i in range(rank, len(dataset), world)
+                       if not (cache_dir / entry_name(dataset.refs[i].name)).exists()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
+                                         collate_fn=collate_skipping)
+    done = 0
+    with torch.no_grad(), tqdm(total=len(todo), desc="teacher cache", disable=rank != 0) as bar:
+        for batch in loader:
+            bar.update(int(batch["skipped"]) + (len(batch["index"]) if "index" in batch else 0))
+            if "image" not in batch:
+                continue
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                embeddings = teacher(batch["image"].to(device))
+            for index, embedding in zip(batch["index"].tolist(), embeddings):
+                atomic_save(embedding.to(torch.bfloat16).cpu().clone(), cache_dir / entry_name(dataset.refs[index].name))
+                done += 1
+    if world > 1:
+        torch_dist.barrier()
+    if rank == 0:
+        logger.info("teacher cache %s: %d embeddings computed", cache_dir, done)
+    return done
