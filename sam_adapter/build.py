@@ -1,4 +1,5 @@
 """Builders in the style of segment-anything's ``sam_model_registry``."""
+import dataclasses
 import logging
 from functools import partial
 from typing import Any, Callable, Dict, Optional
@@ -7,9 +8,9 @@ import torch
 from segment_anything import sam_model_registry as stock_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from blvit.utils.io import PathLike
+from blvit.utils.io import CheckpointError, PathLike, read_checkpoint, unwrap_state_dict
 
-from .checkpoint import load_blvit_sam_checkpoint, load_e_blocks_from_sam, load_sam_checkpoint
+from .checkpoint import FORMAT, load_blvit_sam_checkpoint, load_checked, load_e_blocks_from_sam, load_sam_checkpoint
 from .config import DENSE_SOURCE, BigLittleSamConfig, make_config
 from .image_encoder import BigLittleImageEncoder
 
@@ -79,6 +80,21 @@ def build_sam_blvit(
         load_e_blocks_from_sam(sam.image_encoder, e_checkpoint)
     if checkpoint is not None:
         load_blvit_sam_checkpoint(sam, checkpoint)
+    return sam.eval()
+
+
+def build_sam_from_checkpoint(checkpoint: PathLike, keep_ratio: Optional[float] = None) -> Sam:
+    """A SAM with the encoder layout stored in a checkpoint of this toolkit (bLViT or dense),
+    its weights loaded; ``keep_ratio`` overrides the stored one."""
+    obj = read_checkpoint(checkpoint)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint}: not a checkpoint of this toolkit (no format={FORMAT!r} field); "
+                              "official SAM files go to build_sam_stock / sam_model_registry")
+    config = BigLittleSamConfig(**obj["config"])
+    if keep_ratio is not None:
+        config = dataclasses.replace(config, keep_ratio=keep_ratio)
+    sam = build_sam_from_config(config)
+    load_checked(sam, unwrap_state_dict(obj, checkpoint), checkpoint, f"{config.name!r} model")
     return sam.eval()
 
 

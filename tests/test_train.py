@@ -1,5 +1,6 @@
 """Training: config errors, bad samples, resume equivalence, learning."""
 import json
+from pathlib import Path
 import tarfile
 import warnings
 
@@ -99,3 +100,26 @@ def test_resume_gives_the_same_weights(sa1b_root, tmp_path):
     assert any(not torch.equal(first[k], a[k]) for k in a)  # training did change the weights
     assert len(list(ckpts.glob("step_*.pth"))) == 2  # keep_last
     assert (ckpts / "best.pth").exists() and (tmp_path / "part/loss_curve.png").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs/sam").glob("*.yaml")))
+def test_recipes_are_valid_configs(recipe):
+    from sam_adapter.config import make_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/sam" / recipe)
+    make_config(cfg["model"]["variant"], keep_ratio=cfg["model"]["keep_ratio"], **cfg["model"]["overrides"])
+    if recipe in ("bt_sa1b.yaml", "hb_sa1b.yaml"):  # the paper: 10 epochs, 2 % of SA-1B, batch 8
+        assert (cfg["train"]["epochs"], cfg["data"]["fraction"], cfg["train"]["global_batch"]) == (10, 0.02, 8)
+
+
+def test_teacher_embedding_cache(sa1b_root, tmp_path):
+    """Distilling from cached teacher embeddings gives the losses of the live teacher (bf16 storage)."""
+    base = ["data.val_root=null", "train.max_steps=2", "train.batch_size=2", f"data.root={sa1b_root}"]
+    live = train(load_config(QUICK, base + [f"output_dir={tmp_path / 'live'}"]))
+    cache = tmp_path / "cache"
+    cached = train(load_config(QUICK, base + [f"output_dir={tmp_path / 'cached'}", f"teacher.cache_dir={cache}"]))
+    assert len(list(cache.glob("*.pt"))) == 8 and (cache / "meta.json").exists()
+    assert cached["final"]["distill"] == pytest.approx(live["final"]["distill"], rel=2e-2)
+    assert cached["final"]["mask"] == pytest.approx(live["final"]["mask"], rel=1e-3)
+    with pytest.raises(ValueError, match="meta.json: the cache was made for"):
+        train(load_config(QUICK, base + [f"output_dir={tmp_path / 'other'}", f"teacher.cache_dir={cache}", "seed=1"]))

@@ -34,6 +34,7 @@ DEFAULTS: Dict[str, Any] = {
         "overrides": {},  # any BigLittleSamConfig field
         "sam_checkpoint": None,  # official SAM .pth (or a dense checkpoint of this toolkit) for the P-blocks
         "checkpoint": None,  # a bLViT-SAM checkpoint of this toolkit
+        "e_checkpoint": None,  # a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks
     },
     "teacher": {
         "checkpoint": None,  # None: a randomly initialised teacher of the student's dense layout (logged)

@@ -120,7 +120,7 @@ def build_models(cfg: Dict[str, Any]):
     """The student Sam and (for distillation) the frozen dense teacher encoder."""
     m = cfg["model"]
     student = build_sam_blvit(m["variant"], checkpoint=m["checkpoint"], sam_checkpoint=m["sam_checkpoint"],
-                              keep_ratio=m["keep_ratio"], **m["overrides"])
+                              keep_ratio=m["keep_ratio"], e_checkpoint=m["e_checkpoint"], **m["overrides"])
     teacher = None
     if cfg["task"] == "sam_distill":
         enc_cfg = student.image_encoder.config

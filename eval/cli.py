@@ -1,0 +1,246 @@
+"""``blvit-eval``: zero-shot evaluation with efficiency figures next to accuracy.
+
+    blvit-eval prompts   --annotations ANN.json --images DIR --model M [--checkpoint C]
+                         --prompt point|box [--clicks N] [--oracle] --out REPORT.json
+    blvit-eval instances --annotations ANN.json [--images DIR]
+                         (--detections DETS.json --model M [--checkpoint C] | --predictions PREDS.json)
+                         [--dataset coco|lvis] --out REPORT.json
+
+Every run writes REPORT.json (figures under plain keys: "mIoU", "AP", "AP50", ...,
+"encoder_gmacs", "images_per_s") and REPORT.md (a table); ``--vis N`` draws N images.
+Under ``torchrun`` the images are split across processes and rank 0 writes the report.
+Per-image results are cached next to the report (REPORT.cache/), so a rerun resumes.
+"""
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from blvit.utils.io import atomic_write_text
+
+from .annotations import AnnotationError, load_annotations
+from .metrics import ResultsError, evaluate_instances, load_results, summarize_miou
+
+logger = logging.getLogger("blvit.eval")
+
+
+def _dist():
+    from blvit.train.loop import dist_info
+
+    return dist_info()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch_dist.barrier()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "n/a" if value is None else str(value)
+
+
+def markdown(report: Dict[str, Any], keys: Sequence[str]) -> str:
+    head = ["model", *keys]
+    row = [str(report.get("model") or report.get("predictions")), *[_fmt(report.get(k)) for k in keys]]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"])
+
+
+def write_report(report: Dict[str, Any], out: Path, keys: Sequence[str]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
+    atomic_write_text(out, json.dumps(clean, indent=2))
+    table = markdown(report, keys)
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _model_and_encoder(args, device, amp):
+    from .sam_eval import Encoder, load_sam_model
+
+    sam, info = load_sam_model(args.model, args.checkpoint, args.keep_ratio)
+    return sam, info, Encoder(sam, device, amp)
+
+
+def _signature(args, extra: Dict[str, Any]) -> Dict[str, Any]:
+    return {"annotations": str(Path(args.annotations).resolve()), "model": args.model,
+            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+            "keep_ratio": args.keep_ratio, **extra}
+
+
+def cmd_prompts(args) -> Optional[Dict[str, Any]]:
+    from .sam_eval import PredictionCache, efficiency, merge_caches, prompt_image, run_images
+    from .vis import draw_prompted
+
+    world, rank, device = _dist()
+    amp = device.type == "cuda" and not args.fp32
+    anns = load_annotations(args.annotations, args.dataset)
+    image_ids = sorted(anns.images)[: args.max_images] if args.max_images else sorted(anns.images)
+    image_ids = [i for i in image_ids if anns.anns_by_image.get(i)]
+    sam, info, encoder = _model_and_encoder(args, device, amp)
+    cache_dir = args.out.with_suffix(".cache")
+    signature = _signature(args, {"prompt": args.prompt, "clicks": args.clicks if args.prompt == "point" else 1,
+                                  "oracle": args.oracle})
+    cache = PredictionCache(cache_dir / f"rank{rank}.jsonl", signature, args.fresh)
+    vis_ids = set(image_ids[: args.vis])
+    clicks = args.clicks if args.prompt == "point" else 1
+
+    def work(image_id, image):
+        records, drawn = prompt_image(encoder, anns, image_id, image, args.prompt, clicks, args.oracle,
+                                      keep_masks=image_id in vis_ids)
+        if drawn:
+            draw_prompted(args.out.parent / f"{args.out.stem}_vis" / f"{image_id}.png", image, drawn, records)
+        return records
+
+    run_images(image_ids[rank::world], anns, Path(args.images), encoder, cache, work, "prompts", rank == 0)
+    eff = efficiency(sam, encoder, device, amp)
+    speeds = _gather([eff["images_per_s"]], world)
+    _barrier(world)
+    if rank != 0:
+        return None
+    per_object = merge_caches(sorted(cache_dir.glob("rank*.jsonl")))
+    rows = [{"iou": iou, "area": rec["area"], "click": k + 1}
+            for image_id in image_ids for rec in per_object.get(image_id, []) for k, iou in enumerate(rec["iou"])]
+    if not rows:
+        raise ValueError(f"{args.annotations}: no objects to evaluate")
+    report = {"task": "prompts", **info, "annotations": str(args.annotations), "dataset": anns.kind,
+              "prompt": args.prompt, "clicks": clicks,
+              "mask_choice": "oracle (best IoU with ground truth)" if args.oracle else "highest predicted IoU",
+              "images": len(image_ids), "objects": sum(len(per_object.get(i, [])) for i in image_ids),
+              **summarize_miou(rows), **eff, "images_per_s": _sum_or_none(speeds), "processes": world}
+    keys = ["mIoU", "mIoU_small", "mIoU_medium", "mIoU_large"]
+    keys += [f"mIoU@{k}click" for k in range(1, clicks + 1)] if clicks > 1 else []
+    write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
+    return report
+
+
+def _gather(values: List[Optional[float]], world: int) -> List[Optional[float]]:
+    if world == 1:
+        return values
+    out: List[Any] = [None] * world
+    torch_dist.all_gather_object(out, values[0])
+    return out
+
+
+def _sum_or_none(values: List[Optional[float]]) -> Optional[float]:
+    """All processes together encode this many images per second."""
+    known = [v for v in values if v is not None]
+    return float(sum(known)) if known else None
+
+
+def cmd_instances(args) -> Optional[Dict[str, Any]]:
+    from .sam_eval import PredictionCache, check_detections, efficiency, instance_image, merge_caches, run_images
+
+    anns = load_annotations(args.annotations, args.dataset)
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"] + (["APr", "APc", "APf"] if (args.dataset or anns.kind) == "lvis" else [])
+    if args.predictions:
+        results = load_results(args.predictions)
+        report = {"task": "instances", "predictions": str(args.predictions), "annotations": str(args.annotations),
+                  "dataset": args.dataset or anns.kind, "results": len(results),
+                  **evaluate_instances(anns, results, args.dataset),
+                  "encoder_gmacs": None, "images_per_s": None, "note": "scored a results file; no model was run"}
+        write_report(report, args.out, keys)
+        return report
+
+    world, rank, device = _dist()
+    amp = device.type == "cuda" and not args.fp32
+    if args.images is None or args.model is None:
+        raise SystemExit("blvit-eval instances --detections needs --images and --model")
+    detections = load_results(args.detections)
+    by_image = check_detections(anns, detections, str(args.detections))
+    if not by_image:
+        logger.warning("%s: no detections; every AP is 0", args.detections)
+    image_ids = sorted(by_image)[: args.max_images] if args.max_images else sorted(by_image)
+    for image_id in image_ids:  # LVIS keeps the top 300 per image; so do we, by score
+        by_image[image_id] = sorted(by_image[image_id], key=lambda d: -float(d["score"]))[: args.max_dets]
+    sam, info, encoder = _model_and_encoder(args, device, amp)
+    cache_dir = args.out.with_suffix(".cache")
+    cache = PredictionCache(cache_dir / f"rank{rank}.jsonl",
+                            _signature(args, {"detections": str(Path(args.detections).resolve()), "max_dets": args.max_dets}),
+                            args.fresh)
+    run_images(image_ids[rank::world], anns, Path(args.images), encoder, cache,
+               lambda image_id, image: instance_image(encoder, by_image[image_id]), "instances", rank == 0)
+    eff = efficiency(sam, encoder, device, amp)
+    speeds = _gather([eff["images_per_s"]], world)
+    _barrier(world)
+    if rank != 0:
+        return None
+    merged = merge_caches(sorted(cache_dir.glob("rank*.jsonl")))
+    results = [r for image_id in image_ids for r in merged.get(image_id, [])]
+    if args.save_predictions:
+        atomic_write_text(args.save_predictions, json.dumps(results))
+    report = {"task": "instances", **info, "annotations": str(args.annotations), "detections": str(args.detections),
+              "dataset": args.dataset or anns.kind, "images": len(image_ids), "results": len(results),
+              **evaluate_instances(anns, results, args.dataset), **eff, "images_per_s": _sum_or_none(speeds),
+              "processes": world}
+    write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
+    return report
+
+
+def _common_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="vit_b|vit_l|vit_h (stock SAM), dense_vit_b|_l|_h, b+t, h+b")
+    p.add_argument("--checkpoint", help="official SAM .pth, or a checkpoint of this toolkit")
+    p.add_argument("--keep-ratio", type=float, help="override a bLViT model's keep ratio")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--fresh", action="store_true", help="discard cached predictions of an earlier run")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blvit-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prompts", help="mIoU from simulated clicks or ground-truth boxes")
+    p.add_argument("--annotations", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--dataset", choices=["coco", "lvis"], help="default: detected from the file")
+    p.add_argument("--prompt", choices=["point", "box"], default="point")
+    p.add_argument("--clicks", type=int, default=1)
+    p.add_argument("--oracle", action="store_true", help="choose the multimask output with the best IoU against ground truth")
+    p.add_argument("--vis", type=int, default=0, help="draw this many images")
+    p.add_argument("--out", type=Path, required=True)
+    _common_model_args(p, required=True)
+    p.set_defaults(func=cmd_prompts)
+
+    p = sub.add_parser("instances", help="instance-segmentation AP (COCOeval / LVISEval)")
+    p.add_argument("--annotations", type=Path, required=True)
+    p.add_argument("--images", type=Path)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--detections", type=Path, help="COCO results-format boxes (e.g. ViTDet-H) used as prompts")
+    group.add_argument("--predictions", type=Path, help="COCO results-format masks to score as they are")
+    p.add_argument("--dataset", choices=["coco", "lvis"])
+    p.add_argument("--max-dets", type=int, default=300, help="highest-scoring boxes kept per image")
+    p.add_argument("--save-predictions", type=Path, help="also write the predicted masks (results format)")
+    p.add_argument("--out", type=Path, required=True)
+    _common_model_args(p, required=False)
+    p.set_defaults(func=cmd_instances)
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "clicks", 1) < 1:
+        raise SystemExit("--clicks must be >= 1")
+    return args.func(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(argv)
+    except (AnnotationError, ResultsError, FileNotFoundError, ValueError) as err:
+        print(f"blvit-eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""blvit-eval end to end: synthetic held-out split, quick-start checkpoints, stock SAM, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blvit.data.make_synthetic import ensure_synthetic
+from blvit.train.config import load_config
+from blvit.train.sam_trainer import train
+from eval.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic data plus quick-start teacher and student checkpoints (two training steps each)."""
+    tmp = tmp_path_factory.mktemp("evalcli")
+    data = ensure_synthetic(tmp / "data", train=8, val=4, heldout=6)
+    common = [f"data.root={data['sa1b_train']}", "data.val_root=null", "train.max_steps=2"]
+    teacher = train(load_config(ROOT / "configs/sam/quickstart_teacher.yaml", common + [f"output_dir={tmp / 'teacher'}"]))
+    student = train(load_config(ROOT / "configs/sam/quickstart.yaml", common + [
+        f"output_dir={tmp / 'student'}", f"teacher.checkpoint={teacher['best_checkpoint']}",
+        f"model.sam_checkpoint={teacher['best_checkpoint']}"]))
+    return tmp, data, teacher["best_checkpoint"], student["best_checkpoint"]
+
+
+def _prompts(data, out, model, ckpt, *extra):
+    return run(["prompts", "--annotations", data["heldout_coco"], "--images", data["heldout_images"], "--model", model,
+                "--checkpoint", str(ckpt), "--out", str(out), *extra])
+
+
+def test_prompts_with_quickstart_checkpoints(setup):
+    tmp, data, teacher, student = setup
+    point = _prompts(data, tmp / "r/student_point.json", "b+t", student, "--prompt", "point", "--clicks", "3", "--vis", "2")
+    box = _prompts(data, tmp / "r/teacher_box.json", "dense_vit_b", teacher, "--prompt", "box")
+    annotations = json.loads(Path(data["heldout_coco"]).read_text())["annotations"]
+    for report in (point, box):
+        assert report["objects"] == len(annotations) and report["images"] == 6
+        assert 0.0 <= report["mIoU"] <= 1.0 and report["encoder_gmacs"] > 0 and report["images_per_s"] > 0
+    assert {"mIoU@1click", "mIoU@2click", "mIoU@3click", "mIoU_small", "mIoU_large"} <= set(point)
+    assert point["layout"] == "b+t" and box["layout"] == "vit_b"
+    from blvit.flops import analytic_sam_encoder_macs
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    config = build_sam_from_checkpoint(student).image_encoder.config
+    assert point["encoder_gmacs"] == pytest.approx(analytic_sam_encoder_macs(config)["total"] / 1e9)
+    assert json.loads((tmp / "r/student_point.json").read_text())["mIoU"] == pytest.approx(point["mIoU"])
+    assert (tmp / "r/student_point.md").read_text().startswith("| model | mIoU")
+    assert len(list((tmp / "r/student_point_vis").glob("*.png"))) == 2
+
+
+def test_interrupted_run_resumes_from_cache(setup):
+    tmp, data, _, student = setup
+    out = tmp / "resume/box.json"
+    full = _prompts(data, out, "b+t", student, "--prompt", "box")
+    cache = out.with_suffix(".cache") / "rank0.jsonl"
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 1 + 6
+    cache.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed while writing image 3
+    again = _prompts(data, out, "b+t", student, "--prompt", "box")
+    assert again["mIoU"] == pytest.approx(full["mIoU"], abs=1e-9)
+    assert len(cache.read_text().splitlines()) >= 7
+    with pytest.raises(ValueError, match="cached predictions were made with"):
+        _prompts(data, out, "b+t", student, "--prompt", "box", "--keep-ratio", "0.5")
+
+
+def test_instances_from_detections_and_predictions(setup, tmp_path):
+    tmp, data, teacher, _ = setup
+    gt = json.loads(Path(data["heldout_lvis"]).read_text())
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"]]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    report = run(["instances", "--annotations", data["heldout_lvis"], "--images", data["heldout_images"],
+                  "--detections", str(tmp_path / "dets.json"), "--model", "dense_vit_b", "--checkpoint", str(teacher),
+                  "--save-predictions", str(tmp_path / "preds.json"), "--out", str(tmp_path / "inst.json")])
+    assert report["dataset"] == "lvis" and {"AP", "AP50", "APr", "APc", "APf"} <= set(report)
+    assert report["results"] == len(dets) and report["encoder_gmacs"] > 0
+    # the saved masks score the same when given back as --predictions
+    again = run(["instances", "--annotations", data["heldout_lvis"], "--predictions", str(tmp_path / "preds.json"),
+                 "--out", str(tmp_path / "again.json")])
+    assert again["AP"] == pytest.approx(report["AP"])
+    # ground-truth masks as predictions: AP 1 on the COCO file as well
+    coco = json.loads(Path(data["heldout_coco"]).read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": 1.0}
+               for a in coco["annotations"]]
+    (tmp_path / "perfect.json").write_text(json.dumps(perfect))
+    ap = run(["instances", "--annotations", data["heldout_coco"], "--predictions", str(tmp_path / "perfect.json"),
+              "--out", str(tmp_path / "perfect_report.json")])
+    assert ap["AP"] == pytest.approx(1.0)
+
+
+def test_bad_input_messages(setup, tmp_path, capsys):
+    tmp, data, teacher, student = setup
+    from eval.cli import main
+
+    (tmp_path / "not_coco.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["instances", "--annotations", str(tmp_path / "not_coco.json"), "--predictions", str(tmp_path / "x.json"),
+              "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and "not_coco.json" in capsys.readouterr().err
+    # a missing image is named
+    broken = json.loads(Path(data["heldout_coco"]).read_text())
+    broken["images"][0]["file_name"] = "missing.jpg"
+    broken["images"][0]["coco_url"] = "http://images.cocodataset.org/val2017/missing.jpg"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        _prompts({**data, "heldout_coco": str(tmp_path / "broken.json")}, tmp_path / "m.json", "b+t", student)
+    # detections of images the annotation file does not have
+    (tmp_path / "dets.json").write_text(json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}]))
+    with pytest.raises(ValueError, match="image ids not in"):
+        run(["instances", "--annotations", data["heldout_coco"], "--images", data["heldout_images"], "--detections",
+             str(tmp_path / "dets.json"), "--model", "b+t", "--checkpoint", str(student), "--out", str(tmp_path / "d.json")])
+    # an empty result set is AP 0 with a warning, not a crash
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.warns(RuntimeWarning, match="no results"):
+        empty = run(["instances", "--annotations", data["heldout_coco"], "--predictions", str(tmp_path / "empty.json"),
+                     "--out", str(tmp_path / "e.json")])
+    assert empty["AP"] == 0.0
+    # a checkpoint of the wrong kind for --model
+    with pytest.raises(ValueError, match="holds a dense encoder"):
+        _prompts(data, tmp_path / "w.json", "b+t", teacher)
+
+
+@pytest.mark.heavy
+def test_stock_sam_vit_b_in_official_layout(setup, tmp_path):
+    """A randomly initialised segment-anything ViT-B saved as an official .pth, one image at 1024."""
+    from segment_anything import sam_model_registry
+
+    _, data, _, _ = setup
+    torch.manual_seed(0)
+    torch.save(sam_model_registry["vit_b"]().state_dict(), tmp_path / "sam_vit_b_random.pth")
+    report = _prompts(data, tmp_path / "stock.json", "vit_b", tmp_path / "sam_vit_b_random.pth", "--prompt", "box",
+                      "--max-images", "1")
+    assert report["encoder"] == "ImageEncoderViT" and report["input_size"] == 1024
+    assert report["encoder_gmacs"] == pytest.approx(486.0, rel=1e-3)
+    assert 0.0 <= report["mIoU"] <= 1.0
+
+
+@pytest.mark.heavy
+def test_torchrun_two_processes_give_the_one_process_report(setup, tmp_path):
+    tmp, data, _, student = setup
+    one = _prompts(data, tmp_path / "one.json", "b+t", student, "--prompt", "point", "--clicks", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/eval.py"), "prompts", "--annotations", data["heldout_coco"], "--images",
+           data["heldout_images"], "--model", "b+t", "--checkpoint", str(student), "--prompt", "point", "--clicks", "2",
+           "--out", str(tmp_path / "two.json")]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and len(list((tmp_path / "two.cache").glob("rank*.jsonl"))) == 2
+    for key in ("mIoU", "mIoU@1click", "mIoU@2click", "objects"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
