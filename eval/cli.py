@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
 import torch.distributed as torch_dist
 
 from blvit.utils.io import atomic_write_text

@@ -5,7 +5,9 @@
 3. distils a bLViT student from that teacher (``configs/sam/quickstart.yaml``), its P-blocks,
    prompt encoder and mask decoder initialised from the teacher;
 4. segments a held-out image with the student and draws the tokens its predictors routed;
-5. prints the encoder FLOPs of full-size dense SAM and bLViT-SAM, and where the checkpoints went.
+5. evaluates teacher and student on the held-out split with ``blvit-eval`` (box and 1/3-click
+   mIoU, instance AP with ground-truth boxes as the detector) and prints one table;
+6. prints the encoder FLOPs of full-size dense SAM and bLViT-SAM, and where the checkpoints went.
 
 Each training resumes from its own checkpoints, so a second run only redoes what is missing.
 """
@@ -13,10 +15,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
@@ -64,6 +65,36 @@ def demo_overlay(checkpoint: Path, heldout_coco: Path, images_dir: Path, out: Pa
             "predicted_iou": float(scores[0])}
 
 
+def evaluate(models: Dict[str, Path], data: Dict[str, Any], out: Path) -> Tuple[List[Dict[str, Any]], str]:
+    """blvit-eval on the held-out split for each model; one row per model, one Markdown table."""
+    from eval.cli import run as eval_run
+
+    lvis = json.loads(Path(data["heldout_lvis"]).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    detections = out / "gt_box_detections.json"  # a perfect detector: ground-truth boxes, score 1
+    detections.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                                       "score": 1.0} for a in lvis["annotations"]]))
+    rows = []
+    for name, (model, checkpoint) in models.items():
+        slug = name.split()[-1]
+        common = ["--images", data["heldout_images"], "--model", model, "--checkpoint", str(checkpoint)]
+        box = eval_run(["prompts", "--annotations", data["heldout_coco"], *common, "--prompt", "box",
+                        "--out", str(out / f"{slug}_box.json"), "--vis", "2"])
+        point = eval_run(["prompts", "--annotations", data["heldout_coco"], *common, "--prompt", "point", "--clicks", "3",
+                          "--out", str(out / f"{slug}_point.json")])
+        inst = eval_run(["instances", "--annotations", data["heldout_lvis"], *common, "--detections", str(detections),
+                         "--out", str(out / f"{slug}_instances.json")])
+        rows.append({"model": name, "box_mIoU": box["mIoU"], "1click_mIoU": point["mIoU@1click"],
+                     "3click_mIoU": point["mIoU@3click"], "AP_gt_boxes": inst["AP"], "encoder_gmacs": box["encoder_gmacs"],
+                     "images_per_s": box["images_per_s"]})
+    lines = ["| model (256 px, CPU) | box mIoU | 1-click mIoU | 3-click mIoU | LVIS-format AP (GT boxes) | encoder GMACs | img/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['box_mIoU']:.3f} | {r['1click_mIoU']:.3f} | {r['3click_mIoU']:.3f} | "
+                     f"{r['AP_gt_boxes']:.3f} | {r['encoder_gmacs']:.3f} | {r['images_per_s']:.1f} |")
+    return rows, "\n".join(lines)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the quick start; returns the report it writes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,26 +108,31 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     data = ensure_synthetic(args.data, train=args.train_images)
-    print(f"[1/4] synthetic data in {args.data}: SA-1B train/val, held-out COCO + LVIS")
+    print(f"[1/5] synthetic data in {args.data}: SA-1B train/val, held-out COCO + LVIS")
     common = [f"data.root={data['sa1b_train']}", f"data.val_root={data['sa1b_val']}"]
     teacher = _train(CONFIGS / "quickstart_teacher.yaml",
                      common + [f"output_dir={args.runs / 'teacher'}", f"train.epochs={args.teacher_epochs}"])
     teacher_ckpt = Path(teacher["best_checkpoint"])
-    print(f"[2/4] dense teacher: {teacher_ckpt} (validation box mIoU {teacher['validation'].get('val_box_miou', float('nan')):.3f})")
+    print(f"[2/5] dense teacher: {teacher_ckpt} (validation box mIoU {teacher['validation'].get('val_box_miou', float('nan')):.3f})")
     student = _train(CONFIGS / "quickstart.yaml",
                      common + [f"output_dir={args.runs / 'student'}", f"train.epochs={args.student_epochs}",
                                f"teacher.checkpoint={teacher_ckpt}", f"model.sam_checkpoint={teacher_ckpt}"])
     student_ckpt = Path(student["best_checkpoint"])
-    print(f"[3/4] bLViT student: {student_ckpt} (validation box mIoU {student['validation'].get('val_box_miou', float('nan')):.3f})")
+    print(f"[3/5] bLViT student: {student_ckpt} (validation box mIoU {student['validation'].get('val_box_miou', float('nan')):.3f})")
 
     args.out.mkdir(parents=True, exist_ok=True)
     overlay = demo_overlay(student_ckpt, Path(data["heldout_coco"]), Path(data["heldout_images"]), args.out)
+    print(f"[4/5] held-out box prompt on {overlay['image']}: IoU {overlay['iou']:.3f}; wrote {overlay['overlay']}")
+    eval_rows, eval_table = evaluate({"dense teacher": ("dense_vit_b", teacher_ckpt), "bLViT student": ("b+t", student_ckpt)},
+                                     data, args.out / "eval")
+    (args.out / "eval.md").write_text(eval_table + "\n")
+    print("[5/5] held-out evaluation (blvit-eval; reports in " + str(args.out / "eval") + "):\n" + eval_table)
     rows = flops_rows(("b+t", "h+b"), 0.25)
     table = markdown_table(rows)
-    report = {"data": data, "teacher": teacher, "student": student, "overlay": overlay, "flops_1024": rows}
+    report = {"data": data, "teacher": teacher, "student": student, "overlay": overlay, "evaluation": eval_rows,
+              "flops_1024": rows}
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "flops.md").write_text(table + "\n")
-    print(f"[4/4] held-out box prompt on {overlay['image']}: IoU {overlay['iou']:.3f}; wrote {overlay['overlay']}")
     print("\nEncoder cost at 1024 x 1024 (full-size models):\n" + table)
     print(f"\ncheckpoints:\n  teacher {teacher_ckpt}\n  student {student_ckpt}\nreport: {args.out / 'report.json'}")
     return report
