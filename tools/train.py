@@ -25,9 +25,14 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    from blvit.data.sa1b import SampleError
     from blvit.train.sam_trainer import train
+    from blvit.utils.io import CheckpointError
 
-    summary = train(cfg, resume=args.resume, strict=args.strict)
+    try:
+        summary = train(cfg, resume=args.resume, strict=args.strict)
+    except (FileNotFoundError, SampleError, CheckpointError, ConfigError) as err:
+        parser.exit(2, f"error: {err}\n")
     print(json.dumps(summary, indent=2))
     return summary
 
