@@ -1,0 +1,360 @@
+"""Mamba's selective scan and causal depthwise conv1d, in plain PyTorch, with the fused CUDA
+kernels of ``mamba_ssm`` / ``causal_conv1d`` used when they are installed.
+
+:func:`selective_scan` takes exactly the arguments of
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``:
+
+- ``u``, ``delta``: (batch, D, L)
+- ``A``: (D, N), real (the model passes ``-exp(A_log)``, so A < 0)
+- ``B``, ``C``: (batch, N, L) or grouped (batch, G, N, L) (channel d uses group d // (D / G)),
+  or fixed (D, N)
+- ``D``: (D,) skip, ``z``: (batch, D, L) gate (``y * silu(z)``), ``delta_bias``: (D,)
+
+and computes, in float32 (the result is cast to ``u.dtype``)::
+
+    delta = softplus(delta + delta_bias)            (bias and softplus optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      h_{-1} = 0, h_t: (D, N)
+    y_t   = C_t . h_t + D * u_t
+    out   = y * silu(z)
+
+Backends:
+
+- ``"reference"``: the definition, a Python loop over the L positions (slow; for tests).
+- ``"torch"``: a blocked scan. The sequence is cut into chunks of ``chunk_size`` positions; the
+  loop runs over the L / chunk_size chunks and inside a chunk the linear recurrence
+  ``h_t = a_t h_{t-1} + b_t`` is an associative (Hillis-Steele) scan in log2(chunk) vectorised
+  steps; the state at the end of a chunk is carried into the next. Only products of the decays
+  ``a_t = exp(delta_t A)`` (all in (0, 1] for A <= 0, delta >= 0) are formed, never their
+  inverses, so nothing can overflow, and no (batch, D, L, N) tensor of the whole sequence is
+  kept alive at once. Differentiable with autograd; runs on CPU and GPU.
+- ``"cuda"``: ``mamba_ssm``'s fused kernel (CUDA tensors and ``mamba_ssm`` installed).
+
+``backend=None`` picks ``"cuda"`` when possible, else ``"torch"``.
+
+On the ``meta`` device (FLOP counting) the scan returns an empty tensor of the right shape; its
+multiply-adds are not visible to ``FlopCounterMode`` (elementwise work in a loop), so they are
+counted analytically (:func:`selective_scan_macs`) and reported to every active
+:func:`count_scan_macs` context.
+"""
+import contextlib
+from typing import Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKENDS",
+    "ScanMacCounter",
+    "available_backends",
+    "causal_conv1d",
+    "count_scan_macs",
+    "selective_scan",
+    "selective_scan_macs",
+    "selective_scan_ref",
+]
+
+BACKENDS = ("reference", "torch", "cuda")
+DEFAULT_CHUNK = 32
+
+_CUDA_SCAN = None  # resolved lazily: False when mamba_ssm is not importable
+_CUDA_CONV = None
+
+
+def _cuda_scan_fn():
+    global _CUDA_SCAN
+    if _CUDA_SCAN is None:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            _CUDA_SCAN = selective_scan_fn
+        except Exception:  # ImportError, or a broken build raising at import
+            _CUDA_SCAN = False
+    return _CUDA_SCAN or None
+
+
+def _cuda_conv_fn():
+    global _CUDA_CONV
+    if _CUDA_CONV is None:
+        try:
+            from causal_conv1d import causal_conv1d_fn
+
+            _CUDA_CONV = causal_conv1d_fn
+        except Exception:
+            _CUDA_CONV = False
+    return _CUDA_CONV or None
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """Backends usable for tensors on ``device`` (default: CUDA if available)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = ["reference", "torch"]
+    if device.type == "cuda" and _cuda_scan_fn() is not None:
+        out.append("cuda")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP accounting
+# ----------------------------------------------------------------------------------------------
+
+
+class ScanMacCounter:
+    """Collects the analytic multiply-adds of the selective scans run inside its context."""
+
+    def __init__(self) -> None:
+        self.macs = 0
+        self.calls = 0
+
+
+_COUNTERS: List[ScanMacCounter] = []
+
+
+@contextlib.contextmanager
+def count_scan_macs() -> Iterator[ScanMacCounter]:
+    """``with count_scan_macs() as c: model(x)`` -> ``c.macs``: the selective scans' multiply-adds
+    (analytic, see :func:`selective_scan_macs`), which ``FlopCounterMode`` cannot see."""
+    counter = ScanMacCounter()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def selective_scan_macs(batch: int, dim: int, length: int, d_state: int, with_d: bool = True,
+                        with_z: bool = True) -> int:
+    """Multiply-adds of one selective scan, counted as this toolkit does.
+
+    Per channel, state and position: ``delta * A`` (1), ``B * (delta u)`` (1), the state update
+    ``a h + b`` (1) and the read-out ``C . h`` (1): 4. Per channel and position: ``delta * u`` (1),
+    the skip ``D * u`` (1), the gate ``y * silu(z)`` (1). exp, softplus and silu are not counted.
+    """
+    per_token = 4 * d_state + 1 + int(with_d) + int(with_z)
+    return int(batch) * int(dim) * int(length) * per_token
+
+
+def _record(u: torch.Tensor, A: torch.Tensor, D, z) -> None:
+    if _COUNTERS:
+        macs = selective_scan_macs(u.shape[0], u.shape[1], u.shape[2], A.shape[1], D is not None, z is not None)
+        for counter in _COUNTERS:
+            counter.macs += macs
+            counter.calls += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Scans
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, D, L), got {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"delta {tuple(delta.shape)} must have u's shape {tuple(u.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D, N) = ({dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported (Vim and Mamba use real A)")
+    n = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        if m.dim() == 2:
+            ok = tuple(m.shape) == (dim, n)
+        elif m.dim() == 3:
+            ok = tuple(m.shape) == (batch, n, length)
+        elif m.dim() == 4:
+            ok = m.shape[0] == batch and m.shape[2] == n and m.shape[3] == length and dim % m.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be (D, N), (batch, N, L) or (batch, G, N, L) with G | D; got "
+                             f"{tuple(m.shape)} for u {tuple(u.shape)} and N = {n}")
+    if D is not None and tuple(D.shape) != (dim,):
+        raise ValueError(f"D must be ({dim},), got {tuple(D.shape)}")
+    if delta_bias is not None and tuple(delta_bias.shape) != (dim,):
+        raise ValueError(f"delta_bias must be ({dim},), got {tuple(delta_bias.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise ValueError(f"z {tuple(z.shape)} must have u's shape {tuple(u.shape)}")
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus):
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)  # = log1p(exp(x)), x above 20 passed through, as in the kernel
+    return delta
+
+
+def _finish(y, u, D, z, dtype_in):
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)
+
+
+def _per_channel(m: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C as a tensor broadcastable to (batch, D, L, N)."""
+    m = m.float()
+    if m.dim() == 2:  # fixed (D, N)
+        return m[None, :, None, :]
+    if m.dim() == 3:  # (batch, N, L)
+        return m.transpose(1, 2)[:, None]
+    groups = m.shape[1]  # (batch, G, N, L): channel d uses group d // (D / G)
+    return m.transpose(2, 3).repeat_interleave(dim // groups, dim=1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The definition: a loop over the sequence, float32 throughout."""
+    dtype_in = u.dtype
+    dim, length = u.shape[1], u.shape[2]
+    u = u.float()
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    A = A.float()
+    b = _per_channel(B, dim)  # broadcastable to (batch, D, L, N)
+    c = _per_channel(C, dim)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        decay = torch.exp(delta[:, :, t, None] * A)
+        b_t = b[:, :, t] if b.shape[2] > 1 else b[:, :, 0]
+        c_t = c[:, :, t] if c.shape[2] > 1 else c[:, :, 0]
+        h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * b_t
+        ys.append((h * c_t).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros(u.shape)
+    out = _finish(y, u, D, z, dtype_in)
+    return (out, h) if return_last_state else out
+
+
+def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t along dim -2 (h_{-1} = 0): returns
+    (prod_{k<=t} a_k, h_t). log2(T) steps of vectorised work, no in-place updates (autograd)."""
+    length = a.shape[-2]
+    step = 1
+    while step < length:
+        a_hi, a_lo = a[..., step:, :], a[..., :-step, :]
+        b = torch.cat([b[..., :step, :], torch.addcmul(b[..., step:, :], a_hi, b[..., :-step, :])], dim=-2)
+        a = torch.cat([a[..., :step, :], a_hi * a_lo], dim=-2)
+        step *= 2
+    return a, b
+
+
+def _selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, chunk_size: int = DEFAULT_CHUNK):
+    dtype_in = u.dtype
+    dim, length = u.shape[1], u.shape[2]
+    u = u.float()
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    A = A.float()
+    b_all = _per_channel(B, dim)
+    c_all = _per_channel(C, dim)
+    du = delta * u
+    h = None
+    ys = []
+    chunk = max(1, int(chunk_size))
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        d_c = delta[:, :, start:stop, None]
+        decay = torch.exp(d_c * A[:, None, :])  # (batch, D, T, N), in (0, 1] for A <= 0
+        b_c = b_all[:, :, start:stop] if b_all.shape[2] > 1 else b_all
+        c_c = c_all[:, :, start:stop] if c_all.shape[2] > 1 else c_all
+        inp = du[:, :, start:stop, None] * b_c
+        cum_decay, hs = _hillis_steele(decay, inp)
+        if h is not None:
+            hs = torch.addcmul(hs, cum_decay, h[:, :, None, :])
+        h = hs[:, :, -1]
+        ys.append((hs * c_c).sum(-1))
+    y = torch.cat(ys, dim=2) if ys else u.new_zeros(u.shape)
+    out = _finish(y, u, D, z, dtype_in)
+    if return_last_state:
+        if h is None:
+            h = u.new_zeros(u.shape[0], dim, A.shape[1])
+        return out, h
+    return out
+
+
+def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    fn = _cuda_scan_fn()
+    if fn is None:
+        raise RuntimeError(
+            "selective_scan backend 'cuda' needs the mamba_ssm package (pip install mamba-ssm, built "
+            "against this PyTorch and CUDA); it is not importable here. Use backend='torch' (pure "
+            "PyTorch, CPU and GPU) instead."
+        )
+    if not u.is_cuda:
+        raise RuntimeError(f"selective_scan backend 'cuda' needs CUDA tensors; u is on {u.device}. "
+                           "Use backend='torch' for CPU tensors.")
+
+    def cont(t, dtype=None):
+        if t is None:
+            return None
+        return (t.to(dtype) if dtype is not None else t).contiguous()
+
+    # The kernel wants delta, z and variable B / C in u's dtype, A and fixed B / C in float32.
+    dt = u.dtype
+    B = cont(B, dt if B.dim() >= 3 else torch.float32)
+    C = cont(C, dt if C.dim() >= 3 else torch.float32)
+    return fn(cont(u), cont(delta, dt), cont(A, torch.float32), B, C, cont(D, torch.float32),
+              cont(z, dt), cont(delta_bias, torch.float32), delta_softplus, return_last_state)
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   backend: Optional[str] = None, return_last_state: bool = False,
+                   chunk_size: int = DEFAULT_CHUNK):
+    """Mamba's selective scan with ``mamba_ssm.selective_scan_fn``'s arguments and semantics
+    (module docstring). Returns (batch, D, L) in ``u.dtype``; with ``return_last_state`` also
+    the final state (batch, D, N) in float32.
+
+    backend: ``"reference"``, ``"torch"``, ``"cuda"`` or None (fastest available).
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown selective_scan backend {backend!r}; choose from {BACKENDS} or None")
+    _record(u, A, D, z)
+    if u.device.type == "meta":
+        out = torch.empty_like(u)
+        return (out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)) if return_last_state else out
+    if backend is None:
+        backend = "cuda" if (u.is_cuda and _cuda_scan_fn() is not None) else "torch"
+    if backend == "cuda":
+        return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    with torch.autocast(u.device.type, enabled=False):
+        if backend == "reference":
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal depthwise conv1d
+# ----------------------------------------------------------------------------------------------
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  activation: Optional[str] = "silu", use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """Causal depthwise conv1d over (batch, D, L) with a (D, W) or (D, 1, W) weight: output t sees
+    inputs t-W+1 .. t (zero left padding), as ``nn.Conv1d(D, D, W, groups=D, padding=W-1)`` cut to
+    the first L outputs. ``activation``: "silu" / "swish" or None.
+
+    Uses ``causal_conv1d.causal_conv1d_fn`` when installed and ``x`` is on CUDA (``use_kernel``
+    None: when possible; False: never), else ``F.conv1d`` with left padding.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    dim = x.shape[1]
+    w2 = weight.reshape(dim, -1)
+    width = w2.shape[1]
+    if use_kernel is not False and x.is_cuda:
+        fn = _cuda_conv_fn()
+        if fn is not None and width in (2, 3, 4):
+            return fn(x.contiguous() if x.stride(-1) != 1 else x, w2.contiguous(), bias, activation=activation)
+        if use_kernel:
+            raise RuntimeError("causal_conv1d kernel requested but the causal_conv1d package is not importable")
+    y = F.conv1d(F.pad(x, (width - 1, 0)), w2[:, None, :], bias, groups=dim)
+    return F.silu(y) if activation is not None else y
+

@@ -1,0 +1,327 @@
+"""Token merging: ToMe on timm ViTs, R-MeeTo on Vision Mamba, merge maps, the benchmark."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blvit  # noqa: F401
+from blvit.tokens import (
+    apply_rmeeto,
+    apply_tome,
+    assignment_from_source,
+    bipartite_soft_matching,
+    linear_schedule,
+    merge_wavg,
+    r_schedule,
+    remove_rmeeto,
+    remove_tome,
+    save_merge_map,
+    set_tome_r,
+)
+
+# Two shared cores: more than one intra-op thread oversubscribes them (forwards 100x slower).
+torch.set_num_threads(1)
+
+TINY_VIM = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10)
+
+
+def _tiny_vit(seed=0, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    cfg.update(kw)
+    return VisionTransformer(**cfg).eval()
+
+
+def _tiny_vim(seed=0):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vim_tiny_patch16_224", **TINY_VIM).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Bipartite soft matching
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_matching(metric, r, protected):
+    """Straightforward per-sample ToMe matching: returns, per sample, the list of output groups
+    (lists of input positions), in ToMe's output order."""
+    out = []
+    for m in metric:
+        t = m.shape[0]
+        a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
+        best = []
+        for i in a_pos:
+            if i < protected:
+                best.append((-float("inf"), i, None))
+                continue
+            sims = [(F.cosine_similarity(m[i], m[j], dim=0).item(), j) for j in b_pos if j >= protected]
+            s, j = max(sims)
+            best.append((s, i, j))
+        best.sort(key=lambda e: -e[0])
+        merged = best[:r]
+        unmerged = sorted(i for _, i, _ in best[r:])
+        groups = {j: [j] for j in b_pos}
+        for _, i, j in merged:
+            groups[j].append(i)
+        out.append([[i] for i in unmerged] + [sorted(groups[j]) for j in b_pos])
+    return out
+
+
+def test_matching_known_answer():
+    """Hand-built keys: the obvious pairs merge, sizes add up, the class token stays first."""
+    c = 8
+    basis = torch.eye(c)
+    keys = torch.stack([basis[0],  # 0: class token (identical to token 1, but protected)
+                        basis[0],  # 1
+                        basis[2],  # 2 (A) == 3 (B): merges
+                        basis[2],  # 3
+                        basis[4] + 0.01 * basis[5],  # 4 (A) ~ 5 (B): merges
+                        basis[4],  # 5
+                        basis[6],  # 6 (A): alone
+                        basis[7]])[None]  # 7 (B)
+    plan = bipartite_soft_matching(keys, r=2, protected=1)
+    assert plan.r == 2
+    x = torch.arange(8, dtype=torch.float32).view(1, 8, 1)
+    merged, size = merge_wavg(plan, x)
+    # ToMe order: unmerged A (0, 6), then B (1, 3+2, 5+4, 7)
+    assert plan.positions.tolist() == [[0, 6, 1, 3, 5, 7]]
+    assert merged.flatten().tolist() == [0.0, 6.0, 1.0, 2.5, 4.5, 7.0]
+    assert size.flatten().tolist() == [1.0, 1.0, 1.0, 2.0, 2.0, 1.0]
+    # restore order keeps spatial order
+    plan_r = bipartite_soft_matching(keys, r=2, protected=1, order="restore")
+    assert plan_r.positions.tolist() == [[0, 1, 3, 5, 6, 7]]
+    assert merge_wavg(plan_r, x)[0].flatten().tolist() == [0.0, 1.0, 2.5, 4.5, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("t,r,protected", [(9, 3, 1), (10, 4, 1), (12, 5, 2), (7, 10, 0)])
+def test_matching_against_reference(t, r, protected):
+    torch.manual_seed(t)
+    metric = torch.randn(3, t, 5)
+    plan = bipartite_soft_matching(metric, r, protected=protected)
+    expected = _reference_matching(metric, min(r, (t - protected) // 2), protected)
+    # identify groups through a one-hot "source" merge
+    eye = torch.eye(t).expand(3, t, t)
+    groups = plan.merge(eye, mode="amax")
+    for b in range(3):
+        got = [sorted(torch.nonzero(row).flatten().tolist()) for row in groups[b]]
+        want = expected[b]
+        if protected > 1:  # protected tokens are moved to the front, in order
+            front = [g for g in want if g[0] < protected]
+            want = front + [g for g in want if g[0] >= protected]
+        assert got == want
+
+
+def test_r_schedules():
+    assert r_schedule(4, 3) == [3, 3, 3, 3]
+    assert r_schedule(4, [5, 2]) == [5, 2, 0, 0]
+    assert r_schedule(3, (8, -1.0)) == [16, 8, 0]  # ToMe's decreasing schedule
+    assert r_schedule(3, (8, 0.0)) == [8, 8, 8]
+    assert linear_schedule(5, 8, 0) == [8, 6, 4, 2, 0]
+    with pytest.raises(ValueError):
+        r_schedule(2, [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------------
+# ToMe on timm ViTs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tome_r0_is_the_unpatched_model():
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        apply_tome(model, r=0)
+        assert torch.equal(model(x), ref)
+        set_tome_r(model, 2)
+        assert not torch.allclose(model(x), ref)
+        remove_tome(model)
+        assert type(model.blocks[0]).__name__ == "Block" and torch.equal(model(x), ref)
+        assert not model.blocks[0].attn.qkv._forward_hooks
+
+
+def test_tome_counts_sizes_sources():
+    model = apply_tome(_tiny_vit(), r=3, trace_source=True)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    info = model._tome_info
+    assert out.shape == (2, 10)
+    assert info["token_counts"] == [14, 11, 8]  # 17 tokens, r = 3 per layer
+    assert torch.equal(info["size"].sum(1).flatten(), torch.full((2,), 17.0))
+    source = info["source"]
+    assert source.shape == (2, 8, 17)
+    assert torch.equal(source.sum(1), torch.ones(2, 17))  # every original token in exactly one token
+    assert torch.equal(source[:, 0], F.one_hot(torch.tensor(0), 17).float().expand(2, 17))  # class token alone
+    assert torch.equal(source.sum(-1, keepdim=True), info["size"])
+    # r larger than possible is capped at half the unprotected tokens
+    set_tome_r(model, 50)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert info["token_counts"] == [9, 5, 3]
+
+
+def test_tome_proportional_attention_is_exact_for_duplicates():
+    """Merging two identical tokens with proportional attention changes nothing for the others."""
+    model = _tiny_vit(depth=2)
+    x = torch.randn(1, 9, 32)
+    x[:, 4] = x[:, 3]  # token 4 (set A) duplicates token 3 (set B): the first pair ToMe merges
+    with torch.no_grad():
+        ref = model.blocks(x)
+        apply_tome(model, r=[1, 0])
+        out = model.blocks(x)
+    order = [0, 2, 6, 8, 1, 3, 5, 7]  # [unmerged A, B]; 4 folded into 3
+    torch.testing.assert_close(out, ref[:, order], rtol=1e-5, atol=1e-5)
+
+
+def test_tome_distilled_prefix_tokens_stay_first():
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                       num_classes=10).eval()
+    apply_tome(model, r=3, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    src = model._tome_info["source"]
+    assert src[:, 0, 0].eq(1).all() and src[:, 1, 1].eq(1).all() and src[:, :2].sum(-1).eq(1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# R-MeeTo on Vision Mamba
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rmeeto_r0_identity_and_removal():
+    model = _tiny_vim()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        apply_rmeeto(model, r=0)
+        assert torch.equal(model(x), ref)
+        apply_rmeeto(model, r=2, layers=[1, 2])
+        assert not torch.allclose(model(x), ref)
+        remove_rmeeto(model)
+        assert torch.equal(model(x), ref)
+
+
+def test_rmeeto_counts_and_class_position():
+    model = apply_rmeeto(_tiny_vim(), r=2, layers=[1, 2], trace_source=True)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    merge = model.token_merge
+    assert out.shape == (2, 10)
+    assert merge.token_counts == [17, 15, 13, 13]  # tokens entering each block
+    # proportional position int(pos * (t - r) / t): 8 -> 8 * 15 / 17 = 7 -> 7 * 13 / 15 = 6
+    assert merge.cls_positions == [8, 7, 6, 6] and model.token_position == 6
+    assert torch.equal(merge.size.sum(1).flatten(), torch.full((2,), 16.0))
+    assert torch.equal(merge.source.sum(1), torch.ones(2, 16))  # the 16 patches partitioned
+    assert default_layers_for(24) == list(range(2, 23, 2))
+
+
+def default_layers_for(depth):
+    from blvit.mamba import VisionMamba
+
+    with torch.device("meta"):
+        model = VisionMamba(depth=depth, embed_dim=192)
+    apply_rmeeto(model)
+    assert model.token_merge.r == 5  # Vim-Ti default
+    return model.token_merge.layers
+
+
+def test_rmeeto_merges_hidden_and_residual_identically():
+    from blvit.tokens.rmeeto import RMeeToMerge
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 17, 6)
+    residual = 2 * hidden + 1  # any affine image: size-weighted averages commute with it
+    merge = RMeeToMerge(r=4, layers=[3])
+    merge(0, hidden, None, 8)
+    h, res, pos = merge(3, hidden, residual, 8)
+    assert h.shape == res.shape == (2, 13, 6) and pos == 8 * 13 // 17 == 6
+    torch.testing.assert_close(res, 2 * h + 1)
+    assert torch.equal(h[:, pos], hidden[:, 8]) and torch.equal(res[:, pos], residual[:, 8])  # class token intact
+    # restore order: representatives (B tokens) and unmerged tokens in increasing spatial order
+    patches = torch.cat([hidden[:, :8], hidden[:, 9:]], 1)
+    plan = bipartite_soft_matching(patches, 4, order="restore")
+    assert (plan.positions.diff(dim=1) > 0).all()
+    expected, _ = merge_wavg(plan, patches)
+    torch.testing.assert_close(torch.cat([h[:, :6], h[:, 7:]], 1), expected)
+
+
+def test_rmeeto_shuffled_order_differs():
+    model = _tiny_vim()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        restored = apply_rmeeto(model, r=3, layers=[1]).forward(x)
+        shuffled = apply_rmeeto(model, r=3, layers=[1], order="shuffled").forward(x)
+    assert model.token_merge.token_counts == [17, 14, 14, 14]
+    assert not torch.allclose(restored, shuffled)
+
+
+def test_merging_reduces_flops():
+    from blvit.mamba import vim_macs
+
+    model = _tiny_vim()
+    base = vim_macs(model)
+    apply_rmeeto(model, r=3, layers=[1, 2])
+    merged = vim_macs(model)
+    assert merged["total"] < base["total"] and merged["scan"] < base["scan"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Visualisation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_save_merge_map(tmp_path):
+    model = apply_tome(_tiny_vit(), r=3, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    source = model._tome_info["source"][0, 1:, 1:]  # drop the class token row and column
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "merge.png"
+    assignment = save_merge_map(path, image, source, grid=(4, 4))
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert assignment.shape == (16,) and set(assignment.tolist()) <= set(range(source.shape[0]))
+    assert np.array_equal(assignment, assignment_from_source(source))
+    assert len(set(assignment.tolist())) == int((source.sum(1) > 0).sum())  # every non-empty token used
+    # an assignment vector works too; a map that is not a partition is refused
+    save_merge_map(tmp_path / "a.png", image, assignment, grid=(4, 4))
+    with pytest.raises(ValueError, match="partition"):
+        assignment_from_source(torch.zeros(3, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def test_benchmark_tiny_cpu_run(tmp_path):
+    from blvit.tokens.benchmark import main
+
+    status = main(["--models", "vim_tiny,deit_small", "--img-size", "64", "--batch", "1", "--repeats", "1",
+                   "--warmup", "0", "--device", "cpu", "--r", "vim_tiny=2", "deit_small=4", "--out", str(tmp_path)])
+    assert status == 0
+    data = json.loads((tmp_path / "bench_merging.json").read_text())
+    assert {"device", "batch", "img_size", "scan_backend", "flops_note", "results"} <= set(data)
+    assert "analytic" in data["flops_note"]
+    assert [row["model"] for row in data["results"]] == ["vim_tiny", "deit_small"]
+    for row in data["results"]:
+        assert {"method", "settings", "baseline", "merged", "speedup", "flops_ratio"} <= set(row)
+        for key in ("images_per_s", "gflops", "scan_gflops", "tokens_final"):
+            assert key in row["baseline"] and key in row["merged"]
+        assert row["merged"]["gflops"] < row["baseline"]["gflops"] and row["flops_ratio"] < 1
+        assert row["merged"]["tokens_final"] < row["baseline"]["tokens_final"] == 17
+    assert data["results"][0]["baseline"]["scan_gflops"] > 0
+    assert (tmp_path / "bench_merging.md").read_text().count("| vim_tiny |") == 1
+    assert (tmp_path / "bench_merging.png").stat().st_size > 1000

@@ -1,0 +1,5 @@
+"""Speed and FLOPs with and without token merging (same as the ``blvit-bench-merging`` command)."""
+from blvit.tokens.benchmark import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
