@@ -5,6 +5,7 @@
     blvit-eval instances --annotations ANN.json [--images DIR]
                          (--detections DETS.json --model M [--checkpoint C] | --predictions PREDS.json)
                          [--dataset coco|lvis] --out REPORT.json
+    blvit-eval imagenet  --data ROOT --model NAME[:CHECKPOINT] [--model ...] --out REPORT.json
 
 Every run writes REPORT.json (figures under plain keys: "mIoU", "AP", "AP50", ...,
 "encoder_gmacs", "images_per_s") and REPORT.md (a table); ``--vis N`` draws N images.
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as torch_dist
 
 from blvit.utils.io import atomic_write_text
@@ -184,6 +186,29 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     return report
 
 
+def cmd_imagenet(args) -> Dict[str, Any]:
+    from .imagenet import markdown_rows, run_imagenet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda" and not args.fp32
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    rows = run_imagenet(args.data, args.split, args.model, args.dense_checkpoint, args.img_size, args.batch_size,
+                        args.workers, args.max_images, kwargs, device, amp)
+    report = {"task": "imagenet", "data": str(args.data), "split": args.split, "models": rows,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "dtype": "bf16" if amp else "float32"}
+    for r in rows:  # plain keys for the first model, as the other subcommands have
+        report.setdefault("top1", r["top1"])
+        report.setdefault("top5", r["top5"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    table = markdown_rows(rows)
+    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return report
+
+
 def _common_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="vit_b|vit_l|vit_h (stock SAM), dense_vit_b|_l|_h, b+t, h+b")
     p.add_argument("--checkpoint", help="official SAM .pth, or a checkpoint of this toolkit")
@@ -221,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     _common_model_args(p, required=False)
     p.set_defaults(func=cmd_instances)
+
+    p = sub.add_parser("imagenet", help="top-1/top-5, FLOPs and images/s of classifiers, side by side")
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder root with val/<wnid>/*.JPEG")
+    p.add_argument("--split", default="val")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME[:CHECKPOINT], repeatable, e.g. deit_base_patch16_224:deit_base.pth "
+                        "evit_base_patch16_224 blvit_base_tiny_patch16_224:runs/bt/checkpoints/best.pth")
+    p.add_argument("--dense-checkpoint", help="DeiT file for bLViT/EViT models given without a checkpoint")
+    p.add_argument("--model-kwargs", help="JSON of timm.create_model arguments for every model, e.g. '{\"keep_ratio\": 0.5}'")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--fp32", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_imagenet)
     return parser
 
 

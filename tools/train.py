@@ -15,7 +15,7 @@ from blvit.train.config import ConfigError, load_config  # noqa: E402
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML recipe (configs/sam/*.yaml)")
+    parser.add_argument("--config", type=Path, help="YAML recipe (configs/sam/*.yaml, configs/imagenet/*.yaml, configs/vim/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest.txt")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.root=/data/sa1b")
@@ -25,13 +25,18 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    from blvit.data.imagenet import ImageFolderError
     from blvit.data.sa1b import SampleError
-    from blvit.train.sam_trainer import train
     from blvit.utils.io import CheckpointError
+
+    if cfg["task"] == "classify":
+        from blvit.train.classification import train
+    else:
+        from blvit.train.sam_trainer import train
 
     try:
         summary = train(cfg, resume=args.resume, strict=args.strict)
-    except (FileNotFoundError, SampleError, CheckpointError, ConfigError) as err:
+    except (FileNotFoundError, SampleError, ImageFolderError, CheckpointError, ConfigError) as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(summary, indent=2))
     return summary

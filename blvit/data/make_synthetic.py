@@ -6,6 +6,7 @@ Layout under ``--out`` (default ``data/synthetic``)::
     sa1b_train/   sa_<id>.jpg + sa_<id>.json, or sa_000000.tar ... with --images-per-shard
     sa1b_val/     the same format, other images (validation during training)
     heldout/      images/*.jpg, instances_coco.json, instances_lvis.json (the evaluation split)
+    imagefolder/  train/<wnid>/*.JPEG, val/<wnid>/*.JPEG: 4 classes (ImageNet-format classification)
     manifest.json what was written, so a second call with the same arguments does nothing
 """
 import argparse
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from .imagenet import write_imagefolder
 from .synthetic import write_instances, write_sa1b
 
 # Disjoint image ids: write_* number images seed * 1e6 + i + 1.
@@ -32,7 +34,8 @@ def ensure_synthetic(out: Path, train: int = 96, val: int = 16, heldout: int = 2
     write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard)
     write_sa1b(out / "sa1b_val", val, VAL_SEED, height, width)
     paths = write_instances(out / "heldout", heldout, HELDOUT_SEED, height, width)
-    manifest = {"settings": settings, "sa1b_train": str(out / "sa1b_train"), "sa1b_val": str(out / "sa1b_val"),
+    write_imagefolder(out / "imagefolder", num_classes=4, train_per_class=48, val_per_class=12)
+    manifest = {"imagefolder": str(out / "imagefolder"), "settings": settings, "sa1b_train": str(out / "sa1b_train"), "sa1b_val": str(out / "sa1b_val"),
                 "heldout_images": str(out / "heldout" / "images"),
                 "heldout_coco": str(paths["coco"]), "heldout_lvis": str(paths["lvis"])}
     manifest_path.write_text(json.dumps(manifest, indent=2))

@@ -24,7 +24,28 @@ _Loader.add_implicit_resolver(
 def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
-DEFAULTS: Dict[str, Any] = {
+# The optimisation settings every task shares (blvit.train.loop reads them).
+TRAIN_DEFAULTS: Dict[str, Any] = {
+    "epochs": 1,
+    "max_steps": None,
+    "batch_size": 2,  # per process
+    "accumulate": 1,
+    "global_batch": None,  # if set: accumulate = global_batch / (batch_size * processes), must divide
+    "lr": 1e-4,
+    "weight_decay": 0.05,
+    "warmup_steps": 0,
+    "min_lr_ratio": 0.01,
+    "grad_clip": 1.0,
+    "amp": "auto",  # auto (bf16 on CUDA), bf16, none
+    "activation_checkpointing": False,
+    "ema_decay": 0.0,  # 0: no EMA
+    "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
+    "tensorboard": False,  # also log to output_dir/tensorboard (needs the tensorboard package)
+    "save_every": 0,  # steps; 0: at the end of each epoch only
+    "keep_last": 2,
+}
+
+SAM_DEFAULTS: Dict[str, Any] = {
     "task": "sam_distill",  # sam_distill: bLViT student from a dense teacher; sam_finetune: mask loss only
     "output_dir": "runs/default",
     "seed": 0,
@@ -60,26 +81,54 @@ DEFAULTS: Dict[str, Any] = {
         "iou_weight": 1.0,
         "train_decoder": False,
     },
-    "train": {
-        "epochs": 1,
-        "max_steps": None,
-        "batch_size": 2,  # per process
-        "accumulate": 1,
-        "global_batch": None,  # if set: accumulate = global_batch / (batch_size * processes), must divide
-        "lr": 1e-4,
-        "weight_decay": 0.05,
-        "warmup_steps": 0,
-        "min_lr_ratio": 0.01,
-        "grad_clip": 1.0,
-        "amp": "auto",  # auto (bf16 on CUDA), bf16, none
-        "activation_checkpointing": False,
-        "ema_decay": 0.0,  # 0: no EMA
-        "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
-        "tensorboard": False,  # also log to output_dir/tensorboard (needs the tensorboard package)
-        "save_every": 0,  # steps; 0: at the end of each epoch only
-        "keep_last": 2,
-    },
+    "train": TRAIN_DEFAULTS,
 }
+
+CLASSIFY_DEFAULTS: Dict[str, Any] = {
+    "task": "classify",  # ImageNet-style classification: bLViT, EViT, DeiT, Vim (+ token merging)
+    "output_dir": "runs/classify",
+    "seed": 0,
+    "model": {
+        "name": "blvit_base_tiny_patch16_224",  # any timm model name (import blvit registers ours)
+        "kwargs": {},  # passed to timm.create_model (keep_ratio, img_size, num_classes, ...)
+        "dense_checkpoint": None,  # DeiT file initialising a bLViT / EViT model's dense weights
+        "checkpoint": None,  # timm's checkpoint_path: a checkpoint of this toolkit or the model's own file
+        "merge": {"method": "none", "r": 0, "layers": None, "order": "restore"},  # none | tome | rmeeto
+    },
+    "teacher": {
+        "name": None,  # None: no distillation; e.g. deit_base_patch16_224
+        "kwargs": {},
+        "checkpoint": None,  # None with a teacher name: randomly initialised (logged)
+    },
+    "loss": {
+        "smoothing": 0.1,
+        "distill": "none",  # none | cosine (features, bLViT) | kd (logits, R-MeeTo)
+        "distill_weight": 2.5,  # cosine: lambda * (1 - cos); kd: weight of the KL term
+        "kd_temperature": 1.0,
+    },
+    "data": {
+        "root": "data/synthetic/imagefolder",  # train/<class>/*.JPEG and val/<class>/*.JPEG
+        "train_split": "train",
+        "val_split": "val",
+        "workers": 4,
+        "auto_augment": "rand-m9-mstd0.5-inc1",  # DeiT: RandAugment m9
+        "reprob": 0.25,  # random erasing
+        "color_jitter": 0.3,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "mixup_prob": 1.0,
+        "repeated_aug": True,
+        "val_count": None,  # evaluate on at most this many validation images
+    },
+    "train": TRAIN_DEFAULTS,
+}
+
+TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "sam_distill": SAM_DEFAULTS,  # bLViT-SAM student from a dense teacher
+    "sam_finetune": SAM_DEFAULTS,  # mask loss only (e.g. the quick start's dense teacher)
+    "classify": CLASSIFY_DEFAULTS,
+}
+DEFAULTS = SAM_DEFAULTS
 
 
 class ConfigError(ValueError):
@@ -114,17 +163,27 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Defaults, then the YAML file, then the overrides; any unknown key is a ``ConfigError``."""
-    config = copy.deepcopy(DEFAULTS)
-    free = ("model.overrides",)  # checked by make_config against BigLittleSamConfig
+    """The task's defaults, then the YAML file, then the overrides; any unknown key is a
+    ``ConfigError`` that lists the valid ones."""
+    loaded: Dict[str, Any] = {}
     if path is not None:
         try:
             loaded = read_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        _merge(config, loaded, "", free)
-    for text in overrides:
-        _merge(config, parse_override(text), "", free)
+    updates = [parse_override(text) for text in overrides]
+    task = next((u["task"] for u in reversed(updates) if "task" in u), loaded.get("task", "sam_distill"))
+    if task not in TASK_DEFAULTS:
+        raise ConfigError(f"unknown task {task!r}; valid tasks: {sorted(TASK_DEFAULTS)}")
+    config = copy.deepcopy(TASK_DEFAULTS[task])
+    config["task"] = task
+    # free-form mappings, checked later by the model builders
+    free = ("model.overrides", "model.kwargs", "teacher.kwargs")
+    _merge(config, loaded, "", free)
+    for update in updates:
+        _merge(config, update, "", free)
     return config

@@ -182,6 +182,9 @@ class Task:
     score_key: Optional[str] = None
     ema_module: Optional[nn.Module] = None
     set_epoch: Optional[Callable[[int], None]] = None
+    # (dataset, world, rank, seed) -> a sampler with set_epoch whose order depends only on the
+    # epoch (exact resume); default DistributedSampler (shuffled, drop_last)
+    make_sampler: Optional[Callable[[Dataset, int, int, int], Any]] = None
     loss_keys: Tuple[str, ...] = ("loss",)
     extra_summary: Dict[str, Any] = field(default_factory=dict)
 
@@ -219,7 +222,9 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     task.module.to(device)
     model, optimizer, optimizer_name, params = _wrap(task, t, world, device)
     dataset = task.dataset
-    batches_per_epoch = len(dataset) // (t["batch_size"] * world)
+    make_sampler = task.make_sampler or (lambda ds, world, rank, seed: DistributedSampler(
+        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True))
+    batches_per_epoch = len(make_sampler(dataset, world, rank, cfg["seed"])) // t["batch_size"]
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training samples, fewer than one global batch of {t['batch_size'] * world}")
     total_steps = t["max_steps"] or t["epochs"] * batches_per_epoch // accumulate
@@ -294,7 +299,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         epoch = state["epoch"]
         if task.set_epoch is not None:
             task.set_epoch(epoch)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+        sampler = make_sampler(dataset, world, rank, cfg["seed"])
         sampler.set_epoch(epoch)
         # the epoch's order is a pure function of (seed, epoch): a resumed run skips what it did
         indices = list(sampler)[: batches_per_epoch * t["batch_size"]]

@@ -1,0 +1,241 @@
+"""ImageNet-style classification training (task ``classify``) on the shared loop.
+
+Any timm model (``import blvit`` registers the bLViT, EViT and Vim models), optionally with
+token merging applied (ToMe for ViTs, R-MeeTo for Vim), trained with the DeiT recipe: timm's
+transforms, Mixup/CutMix, label smoothing, repeated augmentation under torchrun, AdamW with
+warm-up + cosine. Distillation from a frozen teacher: ``cosine`` on the token features (bLViT
+from its dense DeiT, lambda 2.5) or ``kd`` on the logits (R-MeeTo: soft-target CE + weight x KL).
+"""
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import blvit  # noqa: F401,I001  (registers this toolkit's timm models)
+from blvit.data.imagenet import ImageFolderDataset, build_transforms, collate_classification, scan_imagefolder
+
+from .loop import Task, dist_info, run, seed_everything
+
+logger = logging.getLogger("blvit.train")
+
+FORMAT = "blvit-classifier"
+
+
+def create_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optional[str] = None,
+                      checkpoint: Optional[str] = None) -> nn.Module:
+    """``timm.create_model`` with this toolkit's extras.
+
+    ``dense_checkpoint``: a DeiT file initialising a bLViT/EViT model's dense weights.
+    ``checkpoint``: a checkpoint written by this trainer (its stored model arguments and token
+    merging are used unless ``kwargs`` gives others), or any file timm's ``checkpoint_path`` reads.
+    """
+    from blvit.utils.io import CheckpointError, read_checkpoint
+
+    obj = read_checkpoint(checkpoint) if checkpoint else {}
+    ours = obj.get("format") == FORMAT
+    if ours and obj.get("arch") != name:
+        raise CheckpointError(f"{checkpoint}: a checkpoint of {obj.get('arch')!r}, not of {name!r}")
+    extra = dict(obj.get("kwargs", {}), **kwargs) if ours else dict(kwargs)
+    if dense_checkpoint:
+        extra["dense_checkpoint"] = dense_checkpoint
+    if checkpoint and not ours:
+        try:
+            return timm.create_model(name, checkpoint_path=str(checkpoint), **extra)
+        except (CheckpointError, RuntimeError, KeyError) as err:
+            if str(checkpoint) in str(err):
+                raise
+            raise CheckpointError(f"{checkpoint}: cannot be loaded into {name!r}: {err}") from err
+    model = timm.create_model(name, **extra)
+    if ours:
+        apply_merging(model, obj.get("merge") or {})
+        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{checkpoint}: does not fit {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def apply_merging(model: nn.Module, merge: Dict[str, Any]) -> nn.Module:
+    """ToMe (timm ViTs) or R-MeeTo (Vim) as configured by ``model.merge``."""
+    method = merge.get("method", "none")
+    if method == "none" or getattr(model, "_merging_applied", False):
+        return model
+    model._merging_applied = True
+    if method == "tome":
+        from blvit.tokens.tome import apply_tome
+
+        apply_tome(model, r=merge["r"])
+    elif method == "rmeeto":
+        from blvit.tokens.rmeeto import apply_rmeeto
+
+        kwargs = {"r": merge["r"], "order": merge.get("order", "restore")}
+        if merge.get("layers") is not None:
+            kwargs["layers"] = merge["layers"]
+        apply_rmeeto(model, **kwargs)
+    else:
+        raise ValueError(f"unknown model.merge.method {method!r}; choose none, tome or rmeeto")
+    return model
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_features(x)
+
+
+class ClassifierTrainingModule(nn.Module):
+    """Student (+ frozen teacher): ``forward(images, targets)`` returns the loss terms."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss_cfg: Dict[str, Any], mixup) -> None:
+        super().__init__()
+        self.student, self.loss_cfg, self.mixup = student, loss_cfg, mixup
+        self.teacher = [teacher] if teacher is not None else []  # a list: not a sub-module, not in DDP or the optimiser
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cfg = self.loss_cfg
+        if self.mixup is not None:
+            images, soft = self.mixup(images, targets)
+        else:
+            soft = None
+        features = self.student.forward_features(images)
+        logits = self.student.forward_head(features)
+        if soft is not None:
+            supervised = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            supervised = F.cross_entropy(logits.float(), targets, label_smoothing=cfg["smoothing"])
+        out = {"supervised": supervised}
+        total = supervised
+        if self.teacher and cfg["distill"] != "none":
+            teacher = self.teacher[0]
+            with torch.no_grad():
+                t_features = teacher.forward_features(images)
+                t_logits = teacher.forward_head(t_features)
+            if cfg["distill"] == "cosine":
+                if t_features.shape != features.shape:
+                    raise ValueError(f"cosine distillation needs equal feature shapes: student {tuple(features.shape)}, "
+                                     f"teacher {tuple(t_features.shape)}")
+                out["distill"] = (1 - F.cosine_similarity(features.float(), t_features.float(), dim=-1)).mean()
+            elif cfg["distill"] == "kd":
+                temp = cfg["kd_temperature"]
+                out["distill"] = F.kl_div(F.log_softmax(logits.float() / temp, -1), F.log_softmax(t_logits.float() / temp, -1),
+                                          reduction="batchmean", log_target=True) * temp * temp
+            else:
+                raise ValueError(f"unknown loss.distill {cfg['distill']!r}; choose none, cosine or kd")
+            total = total + cfg["distill_weight"] * out["distill"]
+        out["loss"] = total
+        return out
+
+
+@torch.no_grad()
+def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, batch_size: int = 64, rank: int = 0,
+                  world: int = 1, workers: int = 0, desc: Optional[str] = None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) over a dataset; ranks take strides and sums are all-reduced."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    loader = DataLoader(Subset(dataset, list(range(rank, len(dataset), world))), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_classification)
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(batch["image"].to(device)).float()
+        target = batch["target"].to(device)
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals += torch.tensor([float((top5[:, 0] == target).sum()), float((top5 == target[:, None]).any(-1).sum()),
+                                len(target)], dtype=torch.float64)
+    if world > 1:
+        totals = totals.to(device)
+        torch_dist.all_reduce(totals)
+        totals = totals.cpu()
+    model.train(was_training)
+    n = max(1.0, float(totals[2]))
+    return {"val_top1": 100 * float(totals[0]) / n, "val_top5": 100 * float(totals[1]) / n, "val_images": int(totals[2])}
+
+
+def _datasets(cfg: Dict[str, Any], img_size: int, strict: bool) -> Tuple[ImageFolderDataset, Optional[ImageFolderDataset]]:
+    d = cfg["data"]
+    root = Path(d["root"])
+    train_set = ImageFolderDataset.from_folder(root / d["train_split"], build_transforms(img_size, True, d),
+                                               seed=cfg["seed"], strict=strict)
+    val_set = None
+    if d["val_split"]:
+        samples, classes = scan_imagefolder(root / d["val_split"], train_set.classes)
+        if d["val_count"]:
+            samples = samples[:: max(1, len(samples) // d["val_count"])][: d["val_count"]]
+        val_set = ImageFolderDataset(samples, classes, build_transforms(img_size, False, d), cfg["seed"], strict)
+    return train_set, val_set
+
+
+def build_student_and_teacher(cfg: Dict[str, Any]) -> Tuple[nn.Module, Optional[nn.Module]]:
+    m, t = cfg["model"], cfg["teacher"]
+    student = create_classifier(m["name"], m["kwargs"], m["dense_checkpoint"], m["checkpoint"])
+    apply_merging(student, m["merge"])  # no-op if the checkpoint already brought it
+    teacher = None
+    if t["name"]:
+        teacher = create_classifier(t["name"], t["kwargs"], None, t["checkpoint"])
+        if not t["checkpoint"]:
+            logger.warning("no teacher checkpoint configured: distilling from a RANDOMLY INITIALISED %s", t["name"])
+        teacher.eval().requires_grad_(False)
+    elif cfg["loss"]["distill"] != "none":
+        raise ValueError(f"loss.distill={cfg['loss']['distill']!r} needs teacher.name")
+    return student, teacher
+
+
+def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Dict[str, Any]:
+    """Run a ``classify`` job described by a config from ``blvit.train.config.load_config``."""
+    from timm.data import Mixup
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    world, rank, device = dist_info()
+    seed_everything(cfg["seed"])
+    t, d = cfg["train"], cfg["data"]
+    amp = (t["amp"] if t["amp"] != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    student, teacher = build_student_and_teacher(cfg)
+    img_size = student.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(student, "pretrained_cfg") else 224
+    img_size = int(cfg["model"]["kwargs"].get("img_size", img_size))
+    train_set, val_set = _datasets(cfg, img_size, strict)
+    train_set.rank = rank  # repeated augmentation: each process sees its own augmentation of a sample
+    num_classes = student.num_classes
+    if len(train_set.classes) > num_classes:
+        raise ValueError(f"{d['root']}: {len(train_set.classes)} classes but the model has {num_classes} outputs "
+                         f"(set model.kwargs.num_classes)")
+    mixup = None
+    if d["mixup"] > 0 or d["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=d["mixup"], cutmix_alpha=d["cutmix"], prob=d["mixup_prob"],
+                      label_smoothing=cfg["loss"]["smoothing"], num_classes=num_classes)
+    if teacher is not None:
+        teacher.to(device)
+    module = ClassifierTrainingModule(student, teacher, cfg["loss"], mixup)
+
+    def make_sampler(dataset, world_, rank_, seed):
+        if d["repeated_aug"] and world_ > 1:
+            return RepeatAugSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True)
+        from torch.utils.data import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True, seed=seed, drop_last=True)
+
+    def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if mixup is not None and batch["image"].shape[0] % 2:
+            raise ValueError("Mixup/CutMix needs an even per-process batch size (train.batch_size)")
+        return model(batch["image"], batch["target"])
+
+    def payload() -> Dict[str, Any]:
+        return {"format": FORMAT, "arch": cfg["model"]["name"], "kwargs": cfg["model"]["kwargs"],
+                "merge": cfg["model"]["merge"], "classes": train_set.classes, "model": student.state_dict()}
+
+    def load(saved: Dict[str, Any], path: Path) -> None:
+        student.load_state_dict(saved["model"])
+
+    validate = None
+    if val_set is not None:
+        validate = partial(evaluate_topk, student, val_set, device, amp, t["batch_size"], rank, world)
+
+    task = Task(module=module, dataset=train_set, collate=collate_classification, losses=losses, payload=payload,
+                load=load, validate=validate, score_key="val_top1" if validate else None, ema_module=student,
+                set_epoch=train_set.set_epoch, make_sampler=make_sampler, loss_keys=("loss", "supervised", "distill"))
+    return run(task, cfg, world, rank, device, resume)

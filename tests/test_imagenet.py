@@ -1,0 +1,138 @@
+"""ImageNet classification through tools/train.py (task classify) and blvit-eval imagenet."""
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from blvit.data.imagenet import ImageFolderDataset, ImageFolderError, build_transforms, write_imagefolder
+from blvit.train.classification import train
+from blvit.train.config import load_config
+from eval.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "configs/imagenet/quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    write_imagefolder(root, num_classes=4, train_per_class=48, val_per_class=12, seed=0)
+    return root
+
+
+@pytest.mark.heavy
+def test_training_raises_top1_well_above_chance(folder, tmp_path):
+    summary = train(load_config(QUICK, [f"data.root={folder}", f"output_dir={tmp_path}", "train.epochs=12"]))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_top1"] for r in rows if "val_top1" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    print(f"top-1 on held-out images: untrained {val[0]:.1f} %, trained {max(val):.1f} % (chance 25 %)")
+    assert max(val) >= 80.0 and val[0] < 50.0
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    report = run(["imagenet", "--data", str(folder), "--model",
+                  f"blvit_base_tiny_patch16_224:{summary['best_checkpoint']}", "--workers", "0",
+                  "--out", str(tmp_path / "eval.json")])
+    assert report["top1"] == pytest.approx(max(val))  # the checkpoint holds the best epoch
+
+
+def test_resume_with_augmentation_is_exact(folder, tmp_path):
+    """RandAugment, random erasing and Mixup/CutMix on: a run resumed from its step-3 checkpoint
+    ends with the weights of the uninterrupted run."""
+    common = [f"data.root={folder}", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25", "data.mixup=0.8",
+              "data.cutmix=1.0", "data.val_split=null", "train.batch_size=32", "train.epochs=2", "train.save_every=1",
+              "train.keep_last=10", "data.workers=0"]
+    train(load_config(QUICK, common + [f"output_dir={tmp_path / 'full'}"]))
+    ckpts = tmp_path / "part" / "checkpoints"
+    shutil.copytree(tmp_path / "full" / "checkpoints", ckpts)
+    for path in ckpts.glob("step_*.pth"):
+        if int(path.stem.split("_")[1]) > 3:
+            path.unlink()
+    (ckpts / "latest.txt").write_text("step_3.pth")
+    result = train(load_config(QUICK, common + [f"output_dir={tmp_path / 'part'}"]), resume=True)
+    assert result["steps"] == 12
+    a = torch.load(tmp_path / "full/checkpoints/step_12.pth", weights_only=False)["model"]
+    b = torch.load(ckpts / "step_12.pth", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_bad_folders_images_and_checkpoints(folder, tmp_path):
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    shutil.copy(next((folder / "train" / "n00000000").iterdir()), flat / "a.JPEG")
+    with pytest.raises(ImageFolderError, match=r"flat/train: not an ImageFolder split.*one sub-folder per class"):
+        train(load_config(QUICK, [f"data.root={tmp_path / 'flat'}", f"output_dir={tmp_path / 'o'}"]))
+    with pytest.raises(ImageFolderError, match="missing_root/train: no such folder"):
+        train(load_config(QUICK, [f"data.root={tmp_path / 'missing_root'}", f"output_dir={tmp_path / 'o'}"]))
+    bad = tmp_path / "bad" / "n00000000"
+    bad.mkdir(parents=True)
+    (bad / "broken.JPEG").write_bytes(b"not a jpeg")
+    shutil.copy(next((folder / "train" / "n00000000").iterdir()), bad / "good.JPEG")
+    ds = ImageFolderDataset.from_folder(tmp_path / "bad", build_transforms(64, False, {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    assert sum(i is None for i in items) == 1 and "broken.JPEG: unreadable image" in str(caught[0].message)
+    strict = ImageFolderDataset.from_folder(tmp_path / "bad", build_transforms(64, False, {}), strict=True)
+    with pytest.raises(ImageFolderError, match="broken.JPEG"):
+        [strict[i] for i in range(len(strict))]
+    # a checkpoint of another architecture
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(Exception, match="resnet.pth"):
+        run(["imagenet", "--data", str(folder), "--model", f"blvit_base_tiny_patch16_224:{tmp_path / 'resnet.pth'}",
+             "--model-kwargs", json.dumps({"img_size": 64, "patch_size": 8, "num_classes": 4}), "--workers", "0",
+             "--out", str(tmp_path / "r.json")])
+
+
+@pytest.mark.heavy
+def test_deit_evit_blvit_side_by_side(folder, tmp_path):
+    """DeiT-B, EViT-B and bLViT B+T from one (random) DeiT-B file, one table at 224."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("deit_base_patch16_224").state_dict(), tmp_path / "deit_b.pth")
+    report = run(["imagenet", "--data", str(folder), "--model", f"deit_base_patch16_224:{tmp_path / 'deit_b.pth'}",
+                  "--model", "evit_base_patch16_224", "--model", "blvit_base_tiny_patch16_224",
+                  "--dense-checkpoint", str(tmp_path / "deit_b.pth"), "--max-images", "4", "--batch-size", "4",
+                  "--workers", "0", "--out", str(tmp_path / "side.json")])
+    rows = {r["model"]: r for r in report["models"]}
+    assert set(rows) == {"deit_base_patch16_224", "evit_base_patch16_224", "blvit_base_tiny_patch16_224"}
+    assert rows["blvit_base_tiny_patch16_224"]["gmacs"] <= 0.6 * rows["deit_base_patch16_224"]["gmacs"]
+    assert rows["evit_base_patch16_224"]["gmacs"] < rows["deit_base_patch16_224"]["gmacs"]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in rows.values())
+    assert (tmp_path / "side.md").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize("name,kwargs,merge", [
+    ("vim_tiny_patch16_224", {"img_size": 64, "patch_size": 16, "depth": 4, "embed_dim": 32, "num_classes": 4},
+     {"method": "rmeeto", "r": 2}),
+    ("deit_tiny_patch16_224", {"img_size": 64, "patch_size": 16, "depth": 4, "embed_dim": 32, "num_heads": 2,
+                               "num_classes": 4}, {"method": "tome", "r": 2}),
+])
+def test_merging_retraining_with_kd_from_the_unmerged_model(folder, tmp_path, name, kwargs, merge):
+    """R-MeeTo (Vim) / ToMe (DeiT) re-training: the student merges, the teacher (same weights) does not."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model(name, **kwargs).state_dict()}, tmp_path / "official.pth")
+    overrides = [f"data.root={folder}", f"output_dir={tmp_path / 'run'}", f"model.name={name}",
+                 f"model.kwargs={json.dumps(kwargs)}", f"model.checkpoint={tmp_path / 'official.pth'}",
+                 f"model.merge={json.dumps(dict(merge, layers=None, order='restore'))}", f"teacher.name={name}",
+                 f"teacher.kwargs={json.dumps(kwargs)}", f"teacher.checkpoint={tmp_path / 'official.pth'}",
+                 "loss.distill=kd", "loss.distill_weight=0.5", "train.max_steps=3", "data.val_split=null"]
+    cfg = load_config(QUICK, overrides)
+    from blvit.train.classification import build_student_and_teacher
+
+    student, teacher = build_student_and_teacher(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert student.forward_features(x).shape[1] < teacher.forward_features(x).shape[1]  # merged tokens
+    summary = train(cfg)
+    assert summary["steps"] == 3 and 0 < summary["final"]["distill"] < 10
+    saved = torch.load(tmp_path / "run/checkpoints/best.pth", weights_only=False)
+    assert saved["merge"]["method"] == merge["method"] and saved["arch"] == name
