@@ -1,12 +1,12 @@
 """Loading official SAM checkpoints into bLViT-SAM, and this toolkit's own checkpoints."""
 import logging
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from blvit.layers import resize_rel_pos
-from blvit.utils.io import CheckpointError, PathLike, atomic_save, read_checkpoint, unwrap_state_dict
+from blvit.utils.io import CheckpointError, PathLike, atomic_save, listing, load_checked, read_checkpoint, unwrap_state_dict
 
 from .config import BigLittleSamConfig
 
@@ -14,7 +14,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "blvit-sam"
 FORMAT_VERSION = 1
-_MAX_LISTED = 12
 
 
 def _is_new_parameter(key: str) -> bool:
@@ -30,45 +29,6 @@ def describe_encoder_state(encoder_state: Mapping[str, torch.Tensor]) -> str:
     return f"embed_dim {width}, depth {max(indices) + 1 if indices else 0}"
 
 
-def _listing(items: List[str]) -> str:
-    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return ", ".join(items[:_MAX_LISTED]) + more
-
-
-def load_checked(
-    module: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    path: PathLike,
-    what: str,
-    may_be_missing: Callable[[str], bool] = lambda key: False,
-    hint: str = "",
-) -> List[str]:
-    """Load ``state`` into ``module``; any unexpected key, shape mismatch or missing key that
-    ``may_be_missing`` does not excuse raises a ``CheckpointError`` naming the file and keys.
-
-    Returns the keys left at their initialisation.
-    """
-    own = module.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not may_be_missing(k)]
-    if mismatched or unexpected or missing:
-        lines = [f"{path}: does not fit the {what}{hint}"]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        raise CheckpointError("\n".join(lines))
-    module.load_state_dict(state, strict=False)
-    return [k for k in own if k not in state]
-
-
 def split_sam_state(state: Mapping[str, torch.Tensor], path: PathLike) -> Dict[str, Dict[str, torch.Tensor]]:
     """Split a ``Sam`` state dict into image_encoder / prompt_encoder / mask_decoder parts."""
     parts: Dict[str, Dict[str, torch.Tensor]] = {"image_encoder": {}, "prompt_encoder": {}, "mask_decoder": {}}
@@ -81,10 +41,10 @@ def split_sam_state(state: Mapping[str, torch.Tensor], path: PathLike) -> Dict[s
             other.append(key)
     if not parts["image_encoder"]:
         raise CheckpointError(
-            f"{path}: not a SAM checkpoint: no 'image_encoder.*' keys (first keys: {_listing(list(state)[:5])})"
+            f"{path}: not a SAM checkpoint: no 'image_encoder.*' keys (first keys: {listing(list(state)[:5])})"
         )
     if other:
-        raise CheckpointError(f"{path}: unexpected keys outside image_encoder/prompt_encoder/mask_decoder: {_listing(other)}")
+        raise CheckpointError(f"{path}: unexpected keys outside image_encoder/prompt_encoder/mask_decoder: {listing(other)}")
     return parts
 
 

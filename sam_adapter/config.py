@@ -1,5 +1,5 @@
 """Configuration of the bLViT-SAM image encoder and the named variants."""
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 from blvit.blocks import FUSIONS

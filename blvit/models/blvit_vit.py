@@ -29,7 +29,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import chain
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import flops as _flops  # noqa: F401  (registers the CPU flash-attention FLOP formula)
 from ..blocks import FUSIONS, BigLittleBlock, DenseBlock
 from ..routing import ROUTER_SCORES, TokenPredictor, TokenSelection, select_global, tokens_kept_global
-from ..utils.io import CheckpointError, PathLike, atomic_save, read_checkpoint, unwrap_state_dict
+from ..utils.io import CheckpointError, PathLike, atomic_save, listing, load_checked, read_checkpoint, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -464,12 +464,6 @@ class BigLittleViT(ClassTokenViT):
 
 FORMAT = "blvit-vit"
 FORMAT_VERSION = 1
-_MAX_LISTED = 12
-
-
-def _listing(items: Sequence[str]) -> str:
-    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return ", ".join(list(items)[:_MAX_LISTED]) + more
 
 
 def describe_state(state: Mapping[str, torch.Tensor]) -> str:
@@ -519,38 +513,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ClassTokenViT) ->
     return out
 
 
-def _load_checked(
-    model: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    path: PathLike,
-    what: str,
-    may_be_missing: Callable[[str], bool],
-    hint: str = "",
-) -> List[str]:
-    """Load ``state`` into ``model``; any unexpected key, shape mismatch or missing key that
-    ``may_be_missing`` does not excuse raises a ``CheckpointError`` naming the file and keys.
-    Returns the keys left at their initialisation."""
-    own = model.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not may_be_missing(k)]
-    if mismatched or unexpected or missing:
-        lines = [f"{path}: does not fit the {what}{hint}"]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        raise CheckpointError("\n".join(lines))
-    nn.Module.load_state_dict(model, state, strict=False)
-    return [k for k in own if k not in state]
-
-
 def _read_vit_state(path: PathLike) -> Dict[str, torch.Tensor]:
     """A checkpoint's state dict with timm key names mapped; refuses files with no ViT blocks."""
     state = unwrap_state_dict(read_checkpoint(path), path)
@@ -558,7 +520,7 @@ def _read_vit_state(path: PathLike) -> Dict[str, torch.Tensor]:
         is_sam = any(k.startswith("image_encoder.") for k in state)
         what = "a SAM checkpoint" if is_sam else "not a ViT / DeiT checkpoint"
         raise CheckpointError(
-            f"{path}: {what}: no 'blocks.*' keys (first keys: {_listing(list(state)[:6])}); "
+            f"{path}: {what}: no 'blocks.*' keys (first keys: {listing(list(state)[:6])}); "
             "a DeiT checkpoint (timm state dict or facebookresearch/deit .pth) is needed"
         )
     return state
@@ -580,7 +542,7 @@ def load_dense_checkpoint(model: ClassTokenViT, path: PathLike, source: Optional
     def may_be_missing(key: str) -> bool:
         return model.is_new_parameter(key) or (head_dropped and key.startswith("head."))
 
-    kept = _load_checked(model, state, path, f"{type(model).__name__}", may_be_missing, hint)
+    kept = load_checked(model, state, path, f"{type(model).__name__}", may_be_missing, hint)
     logger.info("loaded %s; %d tensors keep their initialisation", path, len(kept))
     return kept
 
@@ -653,7 +615,7 @@ def load_blvit_checkpoint(model: BigLittleViT, path: PathLike) -> Dict[str, Any]
                 f"{path}: saved for bLViT {stored.name!r}, which differs from the model: " + "; ".join(diff)
             )
     state = rename_timm_keys(unwrap_state_dict(obj, path))
-    _load_checked(model, state, path, f"bLViT classifier {model.config.name!r}", lambda key: False,
+    load_checked(model, state, path, f"bLViT classifier {model.config.name!r}", lambda key: False,
                   f" (checkpoint: {describe_state(state)}; model: {describe_state(model.state_dict())})")
     return obj
 

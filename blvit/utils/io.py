@@ -2,9 +2,10 @@
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Mapping, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Union
 
 import torch
+import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,3 +69,43 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: PathLike) -> Dict[str, torch
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor: not a state dict")
         state[k[len("module."):] if k.startswith("module.") else k] = v
     return state
+
+
+_MAX_LISTED = 12
+
+
+def listing(items: Iterable[str]) -> str:
+    """The first dozen items, comma-separated, and how many more there are."""
+    items = list(items)
+    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
+
+
+def check_state_dict(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: PathLike, what: str,
+                     may_be_missing: Callable[[str], bool] = lambda key: False, hint: str = "") -> None:
+    """Raise a ``CheckpointError`` naming the file and the keys unless ``state`` fits ``own``:
+    no unexpected key, no shape mismatch, no missing key that ``may_be_missing`` does not excuse."""
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not may_be_missing(k)]
+    if mismatched or unexpected or missing:
+        lines = [f"{path}: does not fit the {what}{hint}"]
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {listing(mismatched)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {listing(missing)}")
+        raise CheckpointError("\n".join(lines))
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: PathLike, what: str,
+                 may_be_missing: Callable[[str], bool] = lambda key: False, hint: str = "") -> List[str]:
+    """Load ``state`` into ``module`` after :func:`check_state_dict`; returns the keys left at
+    their initialisation. (``nn.Module.load_state_dict`` itself: models that override it to
+    filter foreign weights must not filter twice.)"""
+    own = module.state_dict()
+    check_state_dict(own, state, path, what, may_be_missing, hint)
+    nn.Module.load_state_dict(module, state, strict=False)
+    return [k for k in own if k not in state]
