@@ -1,0 +1,230 @@
+"""``blvit-bench``: SAM image encoders side by side, in one process, on the same input.
+
+Stock ``segment_anything`` encoders, this toolkit's dense encoders with the same weights, and
+bLViT-SAM at chosen keep ratios: images/s at each batch size, median latency, peak memory,
+measured FLOPs and the fraction of the GPU's bf16 peak; plus the batch-1 latency of
+``SamPredictor.set_image`` followed by one point prompt. Median of repeated runs after warm-up,
+timed with CUDA events on a GPU (``perf_counter`` on a CPU). Writes JSON, a Markdown table and
+a speed-versus-FLOPs PNG.
+
+    blvit-bench                                  # GPU: 1024 px, vit_b / vit_h families, batch 1 and 8
+    blvit-bench --img-size 256 --batches 1 --encoders vit_b dense_vit_b b+t@0.25   # a quick CPU look
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from segment_anything.modeling import ImageEncoderViT
+
+from blvit.flops import module_macs_on_meta
+from blvit.utils.io import atomic_write_text, load_checked
+
+from .build import build_sam_from_config, sam_from_encoder
+from .checkpoint import _is_new_parameter
+from .config import DENSE_SOURCE, make_config
+
+DEFAULT_ENCODERS = ("vit_b", "dense_vit_b", "b+t@0.25", "b+t@0.5", "vit_h", "dense_vit_h", "h+b@0.25", "h+b@0.5")
+# dense bf16 tensor-core peak, TFLOP/s (spec sheets; SXM parts)
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def stock_encoder(family: str, img_size: int) -> ImageEncoderViT:
+    """segment-anything's ``ImageEncoderViT`` of ``family`` (vit_b / vit_l / vit_h) at ``img_size``."""
+    cfg = make_config(family, img_size=img_size)
+    from functools import partial
+
+    return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                           num_heads=cfg.num_heads, mlp_ratio=4.0, out_chans=256, qkv_bias=True,
+                           norm_layer=partial(nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=True,
+                           rel_pos_zero_init=True, window_size=14, global_attn_indexes=cfg.global_attn_indexes)
+
+
+def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[str, nn.Module]:
+    """Every encoder of a family shares the stock encoder's (random) weights."""
+    encoders: Dict[str, nn.Module] = {}
+    stock: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name in names:
+        variant, _, keep = name.partition("@")
+        family = DENSE_SOURCE[variant.replace("dense_", "")]
+        if family not in stock:
+            torch.manual_seed(seed)
+            enc = stock_encoder(family, img_size)
+            for module in enc.modules():  # random rel-pos tables, so that they count
+                for pname in ("rel_pos_h", "rel_pos_w"):
+                    if hasattr(module, pname):
+                        nn.init.normal_(getattr(module, pname), std=0.02)
+            stock[family] = enc.state_dict()
+            if variant == family:
+                encoders[name] = enc
+                continue
+        if variant == family:
+            enc = stock_encoder(family, img_size)
+            enc.load_state_dict(stock[family])
+        else:
+            layout = family if variant.startswith("dense_") else variant
+            cfg = make_config(layout, img_size=img_size, keep_ratio=float(keep or 0.25) if keep else 1.0)
+            enc = build_sam_from_config(cfg).image_encoder
+            load_checked(enc, stock[family], f"<random {family}>", "image encoder", _is_new_parameter)
+        encoders[name] = enc
+    return encoders
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, repeats: int, warmup: int) -> List[float]:
+    """Seconds per call, each timed on its own (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bf16_peak(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def predictor_latency(encoder: nn.Module, img_size: int, device: torch.device, amp: bool, repeats: int, warmup: int) -> float:
+    """Median seconds of ``SamPredictor.set_image`` + one point prompt on a random photo-sized image."""
+    from segment_anything import SamPredictor
+
+    sam = sam_from_encoder(encoder).to(device).eval()
+    predictor = SamPredictor(sam)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (img_size * 3 // 4, img_size, 3), dtype=np.uint8)
+    point = np.array([[img_size / 2, img_size * 3 / 8]])
+
+    def once():
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            predictor.set_image(image)
+            predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
+
+    return statistics.median(time_call(once, device, repeats, warmup))
+
+
+def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], repeats: int, warmup: int,
+                  device: torch.device, amp: bool, compile_: bool = False, with_predictor: bool = True) -> List[Dict[str, Any]]:
+    rows = []
+    encoders = build_encoders(names, img_size)
+    peak = bf16_peak(device)
+    for name, enc in encoders.items():
+        enc = enc.to(device).eval()
+        macs = module_macs_on_meta(enc, (1, 3, img_size, img_size))
+        run_enc = torch.compile(enc) if compile_ else enc
+        for batch in batches:
+            x = torch.randn(batch, 3, img_size, img_size, device=device)
+
+            def step():
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    run_enc(x)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_call(step, device, repeats, warmup)
+            median = statistics.median(times)
+            row = {"encoder": name, "batch": batch, "img_size": img_size, "median_ms": 1e3 * median,
+                   "images_per_s": batch / median, "gmacs_per_image": macs / 1e9,
+                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "bf16_peak_fraction": (2 * macs * batch / median / 1e12) / peak if peak and amp else None}
+            rows.append(row)
+        if with_predictor:
+            rows.append({"encoder": name, "batch": 1, "img_size": img_size, "predictor_point_ms":
+                         1e3 * predictor_latency(enc, img_size, device, amp, max(1, repeats // 2), warmup)})
+        enc.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| encoder | batch | img/s | median ms | GMACs/img | peak GiB | % bf16 peak | set_image+point ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    latency = {r["encoder"]: r["predictor_point_ms"] for r in rows if "predictor_point_ms" in r}
+    for r in rows:
+        if "images_per_s" not in r:
+            continue
+        mem = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        frac = "" if r["bf16_peak_fraction"] is None else f"{100 * r['bf16_peak_fraction']:.1f}"
+        lat = f"{latency[r['encoder']]:.1f}" if r["batch"] == 1 and r["encoder"] in latency else ""
+        lines.append(f"| {r['encoder']} | {r['batch']} | {r['images_per_s']:.2f} | {r['median_ms']:.1f} | "
+                     f"{r['gmacs_per_image']:.1f} | {mem} | {frac} | {lat} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for batch in sorted({r["batch"] for r in rows if "images_per_s" in r}):
+        pts = [r for r in rows if r.get("batch") == batch and "images_per_s" in r]
+        ax.scatter([r["gmacs_per_image"] for r in pts], [r["images_per_s"] for r in pts], label=f"batch {batch}")
+        for r in pts:
+            ax.annotate(r["encoder"], (r["gmacs_per_image"], r["images_per_s"]), fontsize=7)
+    ax.set_xlabel("GMACs per image")
+    ax.set_ylabel("images / s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--encoders", nargs="+", default=list(DEFAULT_ENCODERS) if gpu else ["vit_b", "dense_vit_b", "b+t@0.25"],
+                        help="vit_b|vit_l|vit_h (stock), dense_vit_*, b+t@KEEP, h+b@KEEP")
+    parser.add_argument("--img-size", type=int, default=1024 if gpu else 256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8] if gpu else [1])
+    parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    parser.add_argument("--warmup", type=int, default=5 if gpu else 1)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each encoder")
+    parser.add_argument("--no-predictor", action="store_true", help="skip the SamPredictor latency")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if gpu else "cpu")
+    amp = not args.fp32 and gpu  # bf16 autocast on CPU is slower than float32 and says nothing about GPUs
+    rows = run_benchmark(args.encoders, args.img_size, args.batches, args.repeats, args.warmup, device, amp,
+                         args.compile, not args.no_predictor)
+    report = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
+              "dtype": "bf16" if amp else "float32", "torch": torch.__version__, "compile": args.compile,
+              "command": "blvit-bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "bench.json", json.dumps(report, indent=2))
+    table = markdown(rows)
+    atomic_write_text(args.out / "bench.md", f"{report['device']}, {report['dtype']}\n\n{table}\n")
+    plot(rows, args.out / "bench.png")
+    print(f"{report['device']}, {report['dtype']}\n{table}\nwrote {args.out}/bench.json, bench.md, bench.png")
+
+
+if __name__ == "__main__":
+    main()

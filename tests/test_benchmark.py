@@ -1,0 +1,24 @@
+"""blvit-bench runs on CPU (small shapes) and writes its JSON, table and plot."""
+import json
+
+from sam_adapter.benchmark import build_encoders, main
+
+
+def test_bench_cpu_tiny(tmp_path):
+    main(["--img-size", "128", "--encoders", "vit_b", "dense_vit_b", "b+t@0.25", "--batches", "1", "2",
+          "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = [r for r in report["rows"] if "images_per_s" in r]
+    assert {(r["encoder"], r["batch"]) for r in rows} == {(e, b) for e in ("vit_b", "dense_vit_b", "b+t@0.25") for b in (1, 2)}
+    assert all(r["images_per_s"] > 0 and r["gmacs_per_image"] > 0 for r in rows)
+    assert {r["encoder"] for r in report["rows"] if "predictor_point_ms" in r} == {"vit_b", "dense_vit_b", "b+t@0.25"}
+    assert (tmp_path / "bench.png").exists() and "| dense_vit_b | 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_encoders_share_the_stock_weights():
+    import torch
+
+    enc = build_encoders(["vit_b", "dense_vit_b"], 128)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(enc["dense_vit_b"](x), enc["vit_b"](x), rtol=1e-4, atol=1e-4)
