@@ -2,8 +2,7 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
-from blvit.blocks import FUSIONS
-from blvit.routing import ROUTER_SCORES
+from blvit.layout import layout_problems
 
 # Fields that change the function but not the parameters: a checkpoint may be used with others.
 RUNTIME_FIELDS = ("keep_ratio", "gamma_init")
@@ -51,31 +50,10 @@ class BigLittleSamConfig:
         self.validate()
 
     def validate(self) -> None:
-        problems = []
-        for name in ("global_attn_indexes", "blvit_layers", "predictor_layers", "e_block_layers"):
-            bad = [i for i in getattr(self, name) if not 0 <= i < self.depth]
-            if bad:
-                problems.append(f"{name} {bad} outside 0..{self.depth - 1}")
-        if not set(self.predictor_layers) <= set(self.blvit_layers):
-            problems.append(f"predictor_layers {self.predictor_layers} must be big.LITTLE layers {self.blvit_layers}")
-        if self.blvit_layers and min(self.blvit_layers) not in self.predictor_layers:
-            problems.append(f"the first big.LITTLE layer {min(self.blvit_layers)} needs a predictor")
-        if not set(self.e_block_layers) <= set(self.blvit_layers):
-            problems.append(f"e_block_layers {self.e_block_layers} must be big.LITTLE layers")
-        if self.e_block_layers and not self.e_embed_dim:
-            problems.append("e_block_layers given but e_embed_dim is 0")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            problems.append(f"keep_ratio {self.keep_ratio} must be in (0, 1]")
-        if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
-        if self.e_embed_dim and self.e_embed_dim % self.e_num_heads:
-            problems.append(f"e_embed_dim {self.e_embed_dim} not divisible by e_num_heads {self.e_num_heads}")
-        if self.img_size % self.patch_size:
-            problems.append(f"img_size {self.img_size} not a multiple of patch_size {self.patch_size}")
-        if self.fusion not in FUSIONS:
-            problems.append(f"fusion {self.fusion!r} not one of {FUSIONS}")
-        if self.router_score not in ROUTER_SCORES:
-            problems.append(f"router_score {self.router_score!r} not one of {ROUTER_SCORES}")
+        problems = layout_problems(self)
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            problems.append(f"global_attn_indexes {bad} outside 0..{self.depth - 1}")
         if problems:
             raise ValueError(f"invalid bLViT-SAM config {self.name!r}: " + "; ".join(problems))
 

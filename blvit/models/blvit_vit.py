@@ -41,8 +41,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import flops as _flops  # noqa: F401  (registers the CPU flash-attention FLOP formula)
-from ..blocks import FUSIONS, BigLittleBlock, DenseBlock
-from ..routing import ROUTER_SCORES, TokenPredictor, TokenSelection, select_global, tokens_kept_global
+from ..blocks import BigLittleBlock, DenseBlock
+from ..layout import layout_problems
+from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
 from ..utils.io import CheckpointError, PathLike, atomic_save, listing, load_checked, read_checkpoint, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
@@ -270,33 +271,9 @@ class BigLittleViTConfig:
         self.validate()
 
     def validate(self) -> None:
-        problems = []
-        for name in ("blvit_layers", "predictor_layers", "e_block_layers"):
-            bad = [i for i in getattr(self, name) if not 0 <= i < self.depth]
-            if bad:
-                problems.append(f"{name} {bad} outside 0..{self.depth - 1}")
-        if not set(self.predictor_layers) <= set(self.blvit_layers):
-            problems.append(f"predictor_layers {self.predictor_layers} must be big.LITTLE layers {self.blvit_layers}")
-        if self.blvit_layers and min(self.blvit_layers) not in self.predictor_layers:
-            problems.append(f"the first big.LITTLE layer {min(self.blvit_layers)} needs a predictor")
-        if not set(self.e_block_layers) <= set(self.blvit_layers):
-            problems.append(f"e_block_layers {self.e_block_layers} must be big.LITTLE layers")
-        if self.e_block_layers and not self.e_embed_dim:
-            problems.append("e_block_layers given but e_embed_dim is 0")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            problems.append(f"keep_ratio {self.keep_ratio} must be in (0, 1]")
-        if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
-        if self.e_embed_dim and self.e_embed_dim % self.e_num_heads:
-            problems.append(f"e_embed_dim {self.e_embed_dim} not divisible by e_num_heads {self.e_num_heads}")
-        if self.img_size % self.patch_size:
-            problems.append(f"img_size {self.img_size} not a multiple of patch_size {self.patch_size}")
+        problems = layout_problems(self)
         if self.num_classes < 0:
             problems.append(f"num_classes {self.num_classes} must be >= 0")
-        if self.fusion not in FUSIONS:
-            problems.append(f"fusion {self.fusion!r} not one of {FUSIONS}")
-        if self.router_score not in ROUTER_SCORES:
-            problems.append(f"router_score {self.router_score!r} not one of {ROUTER_SCORES}")
         if self.global_pool != "token":
             problems.append(f"global_pool {self.global_pool!r}: only 'token' (class token) is supported")
         if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
