@@ -1,0 +1,258 @@
+"""The demo's local web page (``blvit-demo --serve``): a Flask app around one SAM model.
+
+Each image's embedding is computed once, when it is uploaded, and kept in a bounded LRU cache
+keyed by a hash of its pixels; a prompt then runs only the prompt encoder and mask decoder of
+``SamPredictor`` on the cached features. One lock guards the model and the predictor, so
+requests from several tabs never mix up images' embeddings.
+
+API (JSON errors ``{"error": message}`` with a 4xx status on bad input; the server keeps serving):
+
+- ``GET /``: the page; ``GET /api/info``: model, limits, whether the weights are random.
+- ``POST /api/image``: multipart field ``image`` (a file), or form/query ``sample=astronaut``
+  for a bundled photograph -> ``{"image_id", "width", "height", "encoder_ms", "cached"}``.
+- ``GET /api/image/<image_id>.png``: the image as the model sees it (RGB).
+- ``POST /api/predict``: ``{"image_id", "points": [[x, y], ...], "labels": [1 | 0, ...],
+  "box": [x0, y0, x1, y1] | null, "multimask": false}`` in image pixels ->
+  ``{"mask": "data:image/png;base64,..." (RGBA, the image's size), "score", "scores",
+  "segmentation" (COCO RLE), "area", "encoder_ms" (0: cached), "decoder_ms"}``.
+"""
+import base64
+import hashlib
+import io
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .core import (SAMPLE_IMAGES, DemoInputError, check_prompts, decode_image, mask_png, mask_record, predict,
+                   sample_image)
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+SERVICE_KEY = "blvit_demo"
+
+
+class UnknownImage(KeyError):
+    """An image id that is not (or no longer) in the cache."""
+
+
+@dataclass
+class ImageEntry:
+    image_id: str
+    image: np.ndarray
+    features: Any  # (1, 256, g, g) tensor on the model's device
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    encoder_ms: float
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of the decoded pixels (the same picture in two file formats is one entry)."""
+    digest = hashlib.sha256()
+    digest.update(repr(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()[:24]
+
+
+class DemoService:
+    """The model, one ``SamPredictor``, and the LRU cache of image embeddings, behind one lock."""
+
+    def __init__(self, sam, info: Dict[str, Any], cache_size: int = 8) -> None:
+        from segment_anything import SamPredictor
+
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.sam, self.info, self.cache_size = sam.eval(), dict(info), cache_size
+        self.predictor = SamPredictor(self.sam)
+        self.cache: "OrderedDict[str, ImageEntry]" = OrderedDict()
+        self.lock = threading.Lock()
+        self.encodings = 0  # how many times the image encoder ran (tests, logs)
+
+    def add_image(self, image: np.ndarray) -> Tuple[ImageEntry, bool]:
+        """Encode an image (or find it in the cache): (entry, was it cached)."""
+        key = image_key(image)
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key], True
+            start = time.perf_counter()
+            self.predictor.set_image(image)
+            elapsed = (time.perf_counter() - start) * 1000
+            p = self.predictor
+            entry = ImageEntry(key, image, p.features, tuple(p.original_size), tuple(p.input_size), elapsed)
+            self.predictor.reset_image()
+            self.encodings += 1
+            self.cache[key] = entry
+            while len(self.cache) > self.cache_size:
+                dropped, _ = self.cache.popitem(last=False)
+                logger.info("embedding cache full (%d): dropped image %s", self.cache_size, dropped)
+            return entry, False
+
+    def get(self, image_id: str) -> ImageEntry:
+        with self.lock:
+            entry = self.cache.get(image_id)
+            if entry is None:
+                raise UnknownImage(image_id)
+            return entry
+
+    def predict(self, image_id: str, points, labels, box, multimask: bool = False) -> Dict[str, Any]:
+        """Prompt a cached image: only the prompt encoder and mask decoder run."""
+        entry = self.get(image_id)
+        height, width = entry.original_size
+        coords, labs, box_arr = check_prompts(points, labels, box, width, height)
+        with self.lock:
+            p = self.predictor
+            p.features, p.original_size, p.input_size, p.is_image_set = (entry.features, entry.original_size,
+                                                                          entry.input_size, True)
+            try:
+                start = time.perf_counter()
+                masks, scores = predict(p, coords, labs, box_arr, multimask)
+                decoder_ms = (time.perf_counter() - start) * 1000
+            finally:
+                p.reset_image()  # never leave one image's features behind for another request
+        best = masks[0]
+        record = mask_record(best, scores[0])
+        return {"image_id": image_id, "mask": "data:image/png;base64," + base64.b64encode(mask_png(best)).decode(),
+                "score": float(scores[0]), "scores": [float(s) for s in scores], "segmentation": record["segmentation"],
+                "area": record["area"], "bbox": record["bbox"], "encoder_ms": 0.0, "cached_encoder_ms": entry.encoder_ms,
+                "decoder_ms": decoder_ms}
+
+
+def _client_info(service: DemoService, max_upload_mb: float) -> Dict[str, Any]:
+    info = {k: v for k, v in service.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return {"model": info, "random": bool(service.info.get("random")), "warning": service.info.get("warning"),
+            "max_upload_mb": max_upload_mb, "cache_size": service.cache_size, "samples": list(SAMPLE_IMAGES)}
+
+
+def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_size: int = 8):
+    """The Flask app for one model. ``app.extensions["blvit_demo"]`` is the :class:`DemoService`."""
+    from flask import Flask, jsonify, request, send_file, send_from_directory
+    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+    if max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    service = DemoService(sam, info, cache_size)
+    app.extensions[SERVICE_KEY] = service
+
+    def error(status: int, message: str):
+        return jsonify({"error": message}), status
+
+    @app.errorhandler(DemoInputError)
+    def bad_input(err: DemoInputError):
+        return error(400, str(err))
+
+    @app.errorhandler(UnknownImage)
+    def unknown_image(err: UnknownImage):
+        return error(404, f"unknown image id {err.args[0]!r}: it was never uploaded or the embedding cache "
+                          f"(the last {service.cache_size} images) dropped it; upload the image again")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(err: RequestEntityTooLarge):
+        return error(413, f"upload too large: the limit is {max_upload_mb:g} MB (blvit-demo --serve --max-upload-mb)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        return error(err.code or 500, f"{err.name}: {err.description}")
+
+    @app.errorhandler(Exception)
+    def internal(err: Exception):
+        logger.exception("request failed")
+        return error(500, f"internal error: {type(err).__name__}: {err}")
+
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/api/info")
+    def api_info():
+        return jsonify(_client_info(service, max_upload_mb))
+
+    @app.post("/api/image")
+    def api_image():
+        upload = request.files.get("image")
+        sample = request.values.get("sample")
+        if upload is not None and upload.filename != "":
+            image = decode_image(upload.read(), upload.filename or "upload")
+        elif sample:
+            image = sample_image(sample)
+        else:
+            raise DemoInputError("no image: send a file in the multipart field 'image' or sample=<name>")
+        entry, cached = service.add_image(image)
+        height, width = entry.original_size
+        return jsonify({"image_id": entry.image_id, "width": width, "height": height, "cached": cached,
+                        "encoder_ms": 0.0 if cached else entry.encoder_ms, "first_encoder_ms": entry.encoder_ms,
+                        "url": f"/api/image/{entry.image_id}.png"})
+
+    @app.get("/api/image/<image_id>.png")
+    def api_image_png(image_id: str):
+        entry = service.get(image_id)
+        buf = io.BytesIO()
+        Image.fromarray(entry.image).save(buf, format="PNG")
+        buf.seek(0)
+        return send_file(buf, mimetype="image/png", max_age=3600)
+
+    @app.post("/api/predict")
+    def api_predict():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise DemoInputError("expected a JSON object: {\"image_id\", \"points\", \"labels\", \"box\"}")
+        image_id = body.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise DemoInputError("missing image_id: upload an image first")
+        points, labels, box = body.get("points") or [], body.get("labels"), body.get("box")
+        if not isinstance(points, list) or not all(isinstance(p, list) for p in points):
+            raise DemoInputError("points: expected a list of [x, y] pairs")
+        labels = [1] * len(points) if labels is None else labels
+        if not isinstance(labels, list):
+            raise DemoInputError("labels: expected a list of 1 (positive) / 0 (negative)")
+        if box is not None and not isinstance(box, list):
+            raise DemoInputError("box: expected [x0, y0, x1, y1] or null")
+        return jsonify(service.predict(image_id, points, labels, box, bool(body.get("multimask", False))))
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 7860):
+    """A threaded WSGI server (``port=0``: a free port; see ``server.server_port``)."""
+    from werkzeug.serving import make_server as werkzeug_server
+
+    return werkzeug_server(host, port, app, threaded=True)
+
+
+def serve(sam, info: Dict[str, Any], host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0,
+          cache_size: int = 8) -> None:
+    """Serve the page until interrupted (Ctrl-C)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(sam, info, max_upload_mb=max_upload_mb, cache_size=cache_size)
+    if not is_loopback(host):
+        logger.warning("listening on %s: the page is reachable from other machines; this demo server has no "
+                       "authentication (use the default 127.0.0.1 to keep it local)", host)
+    server = make_server(app, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"blvit-demo: serving {info.get('model')} on http://{shown}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
+    if info.get("random"):
+        print("WARNING: RANDOMLY INITIALISED model: the masks will be meaningless", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
