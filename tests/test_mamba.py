@@ -1,5 +1,7 @@
 """Selective scan backends, causal conv1d and the Vision Mamba model (blvit.mamba)."""
 import argparse
+import importlib.util
+import logging
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 import blvit  # noqa: F401  (registers the Vim models with timm)
 from blvit.mamba import (
+    VARIANTS,
     Mamba,
     VisionMamba,
     causal_conv1d,
@@ -109,6 +112,93 @@ def test_torch_scan_gradients_match_reference():
         ref = grads["reference"][k]
         assert grads["torch"][k] is not None, k
         torch.testing.assert_close(grads["torch"][k], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=k)
+
+
+SEQ_KEYS = ("u", "delta", "B", "C", "z")  # the inputs with a sequence axis (the last one)
+SCAN_KEYS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _scan_with_grads(inputs, backend, device="cpu", chunk_size=32):
+    """Output, last state and the gradients of every input of one scan (float32)."""
+    leaves = {k: inputs[k].to(device).clone().requires_grad_(True) for k in SCAN_KEYS}
+    out, state = selective_scan(*(leaves[k] for k in SCAN_KEYS), delta_softplus=True, backend=backend,
+                                return_last_state=True, chunk_size=chunk_size)
+    weight = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+    ((out * weight).sum() + state.float().sum()).backward()
+    return out.detach().cpu(), state.detach().cpu(), {k: leaves[k].grad.detach().cpu() for k in SCAN_KEYS}
+
+
+def _both_directions(inp):
+    """The inputs as the forward branch sees them and flipped along the sequence, as Vim's backward
+    branch scans them (``xz.flip(-1)``)."""
+    return {"forward": inp, "backward": {k: (v.flip(-1) if k in SEQ_KEYS else v) for k, v in inp.items()}}
+
+
+@pytest.mark.parametrize("bc", ["var", "group2"])
+def test_fast_scan_matches_reference_in_both_directions_with_gradients(bc):
+    """The chunked "torch" scan against the sequential reference on random inputs (Vim's 197 tokens,
+    N = 16), on the sequence and on its flip, outputs, final states and the gradients of all eight
+    inputs: relative error (||fast - ref|| / ||ref||) below 1e-4 in float32."""
+    inp = _scan_inputs(batch=2, dim=8, length=197, n=16, bc=bc, seed=7)
+    outs = {}
+    for direction, x in _both_directions(inp).items():
+        ref_out, ref_state, ref_grads = _scan_with_grads(x, "reference")
+        out, state, grads = _scan_with_grads(x, "torch")
+        assert _rel_err(out, ref_out) < 1e-4, direction
+        assert _rel_err(state, ref_state) < 1e-4, direction
+        for k in SCAN_KEYS:
+            assert _rel_err(grads[k], ref_grads[k]) < 1e-4, (direction, k)
+        outs[direction] = out
+    # the two directions really are different scans (the recurrence is not symmetric in time)
+    assert _rel_err(outs["backward"].flip(-1), outs["forward"]) > 1e-2
+
+
+def test_mixer_fast_and_reference_backends_agree_in_both_directions_with_gradients():
+    """The bidirectional mixer (forward branch + backward branch on the flipped sequence) with the
+    torch scan against the reference scan: output and every parameter's gradient, including the
+    backward branch's own conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b."""
+    torch.manual_seed(0)
+    mixer = Mamba(16, d_state=8)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hidden = torch.randn(2, 65, 16)
+    results = {}
+    for backend in ("reference", "torch"):
+        mixer.zero_grad()
+        mixer.scan_backend = backend
+        out = mixer(hidden)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()})
+    (ref, ref_grads), (out, grads) = results["reference"], results["torch"]
+    assert _rel_err(out, ref) < 1e-4
+    assert {"A_b_log", "D_b", "conv1d_b.weight", "x_proj_b.weight", "dt_proj_b.weight"} <= set(grads)
+    for name, g in grads.items():
+        assert ref_grads[name].abs().sum() > 0, name
+        assert _rel_err(g, ref_grads[name]) < 1e-4, name
+
+
+_HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the mamba_ssm kernel runs on CUDA only")
+@pytest.mark.skipif(not _HAS_MAMBA_SSM, reason="mamba_ssm is not installed: there is no fused CUDA scan to compare")
+@pytest.mark.parametrize("bc", ["var", "group2"])
+def test_cuda_scan_matches_reference_in_both_directions_with_gradients(bc):
+    """mamba_ssm's fused kernel (backend="cuda") against the sequential reference, as above."""
+    inp = _scan_inputs(batch=2, dim=8, length=197, n=16, bc=bc, seed=7)
+    for direction, x in _both_directions(inp).items():
+        ref_out, ref_state, ref_grads = _scan_with_grads(x, "reference")
+        out, state, grads = _scan_with_grads(x, "cuda", device="cuda")
+        assert _rel_err(out, ref_out) < 1e-4, direction
+        assert _rel_err(state, ref_state) < 1e-4, direction
+        for k in SCAN_KEYS:
+            assert _rel_err(grads[k], ref_grads[k]) < 1e-4, (direction, k)
 
 
 def test_scan_backend_errors():
@@ -223,12 +313,102 @@ def test_wrong_checkpoint_names_path_and_keys(tmp_path):
         load_vim_checkpoint(VisionMamba(**TINY_VIM), path2)
 
 
+def test_random_vim_ti_in_official_layout_loads_with_no_missing_or_unexpected_keys(tmp_path):
+    """A full-size Vim-Ti built at random and saved as the official files are ({"model": ...,
+    "epoch", "args"}) loads back through every entry point with nothing missing, nothing unexpected."""
+    import timm
+    from timm.models import load_checkpoint
+
+    torch.manual_seed(0)
+    source = timm.create_model("vim_tiny_patch16_224")
+    state = source.state_dict()
+    path = tmp_path / "vim_t_midclstok_random.pth"
+    torch.save({"model": state, "epoch": 299, "args": argparse.Namespace(model="vim_tiny_patch16_224")}, path)
+    saved = torch.load(path, weights_only=False)["model"]
+    fresh = timm.create_model("vim_tiny_patch16_224")
+    assert set(saved) == set(fresh.state_dict()) and len(saved) == 7 + 24 * 17
+
+    result = fresh.load_state_dict(saved)  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    result = load_checkpoint(timm.create_model("vim_tiny_patch16_224"), str(path))  # timm's loader
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert load_vim_checkpoint(VisionMamba(**VARIANTS["vim_tiny_patch16_224"]), path) == []  # nothing left at init
+    loaded = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path))
+    loaded_state = loaded.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded_state[key], value), key
+
+
+def test_vim_small_file_into_vim_tiny_names_the_shape_mismatches(tmp_path):
+    """A checkpoint of another Vim size: the error names the file, the two architectures and, per
+    key, both shapes."""
+    import timm
+
+    from blvit.train.classification import create_classifier
+
+    torch.manual_seed(0)
+    path = tmp_path / "vim_s_midclstok_random.pth"
+    torch.save({"model": timm.create_model("vim_small_patch16_224").state_dict()}, path)
+    loaders = {
+        "load_vim_checkpoint": lambda: load_vim_checkpoint(VisionMamba(**VARIANTS["vim_tiny_patch16_224"]), path),
+        "timm checkpoint_path": lambda: timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path)),
+        "trainer": lambda: create_classifier("vim_tiny_patch16_224", {}, checkpoint=str(path)),
+    }
+    for how, load in loaders.items():
+        with pytest.raises(CheckpointError) as err:
+            load()
+        msg = str(err.value)
+        assert str(path) in msg and "shape mismatches" in msg, how
+        assert ("(checkpoint: embed_dim 384, depth 24, 1000 classes; "
+                "model: embed_dim 192, depth 24, 1000 classes)") in msg, how
+        assert "pos_embed: checkpoint (1, 197, 384) vs model (1, 197, 192)" in msg, how
+        assert "layers.0.mixer.in_proj.weight: checkpoint (1536, 384) vs model (768, 192)" in msg, how
+
+
+def test_checkpoint_of_another_image_size_is_an_error_unless_resampling_is_asked(tmp_path, caplog):
+    """A Vim-Ti file saved at 64 px (4 x 4 patches) into a Vim-Ti at 224 (14 x 14), and the
+    reverse: a CheckpointError naming the file, both grids and the opt-in; with
+    resample_pos_embed=True the embedding is resampled and a log line says so."""
+    import timm
+
+    torch.manual_seed(0)
+    small = timm.create_model("vim_tiny_patch16_224", img_size=64)
+    small_path = tmp_path / "vim_t_64px.pth"
+    torch.save({"model": small.state_dict()}, small_path)
+    full_path = tmp_path / "vim_t_224px.pth"
+    torch.save({"model": timm.create_model("vim_tiny_patch16_224").state_dict()}, full_path)
+
+    attempts = [
+        (small_path, lambda: timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(small_path)),
+         "a 4x4 patch grid (img_size 64 at patch 16), the model has a 14x14 grid (img_size 224)"),
+        (small_path, lambda: load_vim_checkpoint(VisionMamba(), small_path),
+         "a 4x4 patch grid (img_size 64 at patch 16), the model has a 14x14 grid (img_size 224)"),
+        (full_path, lambda: timm.create_model("vim_tiny_patch16_224", img_size=64, checkpoint_path=str(full_path)),
+         "a 14x14 patch grid (img_size 224 at patch 16), the model has a 4x4 grid (img_size 64)"),
+    ]
+    for path, load, grids in attempts:
+        with pytest.raises(CheckpointError) as err:
+            load()
+        msg = str(err.value)
+        assert str(path) in msg and grids in msg and "resample_pos_embed=True" in msg
+
+    with caplog.at_level(logging.INFO, logger="blvit.mamba.vim"):
+        model = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(small_path), resample_pos_embed=True)
+    assert "resampling pos_embed from a 4x4 patch grid (img_size 64 at patch 16) to a 14x14 grid" in caplog.text
+    assert model.pos_embed.shape == (1, 197, 192)
+    assert torch.equal(model.pos_embed[:, 98], small.pos_embed[:, 8])  # class-token entry kept in the middle
+    assert torch.equal(model.layers[5].mixer.in_proj.weight, small.layers[5].mixer.in_proj.weight)
+    assert load_vim_checkpoint(VisionMamba(), small_path, resample_pos_embed=True) == []
+
+
 def test_pos_embed_resampled_with_middle_class_token(tmp_path):
     source = _tiny_vim()
     path = tmp_path / "vim.pth"
     torch.save({"model": source.state_dict()}, path)
     bigger = VisionMamba(**dict(TINY_VIM, img_size=48))  # 4x4 -> 6x6 grid
-    load_vim_checkpoint(bigger, path)
+    with pytest.raises(CheckpointError, match="resample_pos_embed=True"):
+        load_vim_checkpoint(bigger, path)  # not without being asked
+    load_vim_checkpoint(bigger, path, resample_pos_embed=True)
     assert torch.equal(bigger.pos_embed[:, 18], source.pos_embed[:, 8])  # class token entry moved to the new middle
     assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 10)
 

@@ -12,6 +12,7 @@ from blvit.tokens import (
     apply_tome,
     assignment_from_source,
     bipartite_soft_matching,
+    default_r,
     linear_schedule,
     merge_wavg,
     r_schedule,
@@ -121,6 +122,32 @@ def test_matching_against_reference(t, r, protected):
         assert got == want
 
 
+def _weighted_mean(x, size):
+    return (x.double() * size.double()).sum(1) / size.double().sum(1)
+
+
+@pytest.mark.parametrize("order,protected", [("tome", 0), ("tome", 1), ("tome", 2), ("restore", 0), ("shuffled", 0)])
+def test_merge_wavg_preserves_the_size_weighted_mean(order, protected):
+    """sum(size * token) / sum(size) over the tokens is unchanged by a merge step (any r up to the cap,
+    arbitrary positive sizes as after earlier merges, every output order), and so is sum(size)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 33, 8, generator=g)
+    size = torch.rand(3, 33, 1, generator=g) * 3 + 0.5
+    for r in (1, 7, 50):  # 50: capped at half the unprotected tokens
+        plan = bipartite_soft_matching(torch.randn(3, 33, 5, generator=g), r, protected=protected, order=order)
+        merged, new_size = merge_wavg(plan, x, size)
+        assert merged.shape[1] == new_size.shape[1] == 33 - min(r, (33 - protected) // 2)
+        torch.testing.assert_close(new_size.sum(1), size.sum(1))
+        torch.testing.assert_close(_weighted_mean(merged, new_size), _weighted_mean(x, size), rtol=1e-6, atol=1e-6)
+    # chained steps from unit sizes: the plain mean of the original tokens is kept throughout
+    tokens, sizes = x, None
+    for _ in range(4):
+        plan = bipartite_soft_matching(tokens, 4, protected=protected, order=order)
+        tokens, sizes = merge_wavg(plan, tokens, sizes)
+    assert tokens.shape[1] == 33 - 16 and torch.equal(sizes.sum(1), torch.full((3, 1), 33.0))
+    torch.testing.assert_close(_weighted_mean(tokens, sizes), x.double().mean(1), rtol=1e-6, atol=1e-6)
+
+
 def test_r_schedules():
     assert r_schedule(4, 3) == [3, 3, 3, 3]
     assert r_schedule(4, [5, 2]) == [5, 2, 0, 0]
@@ -168,6 +195,24 @@ def test_tome_counts_sizes_sources():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert info["token_counts"] == [9, 5, 3]
+
+
+def test_tome_deit_small_r13_token_counts():
+    """ToMe on a full-size timm DeiT-S at 224 with r=13: 197 tokens, 13 fewer after each of the 12
+    blocks, 41 at the end; the class token stays alone in front, the sizes add up to 197."""
+    import timm
+
+    torch.manual_seed(0)
+    model = apply_tome(timm.create_model("deit_small_patch16_224").eval(), r=13, trace_source=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    info = model._tome_info
+    assert out.shape == (1, 1000)
+    assert info["schedule"] == [13] * 12
+    assert info["token_counts"] == [184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41]
+    assert info["token_counts"] == [197 - 13 * (i + 1) for i in range(12)]
+    assert info["size"].shape == (1, 41, 1) and info["size"].sum().item() == 197.0
+    assert info["source"][0, 0, 0] == 1 and info["source"][0, 0].sum() == 1  # the class token merged with nothing
 
 
 def test_tome_proportional_attention_is_exact_for_duplicates():
@@ -238,6 +283,81 @@ def default_layers_for(depth):
     return model.token_merge.layers
 
 
+def _cut_cls(x, pos):
+    return torch.cat([x[:, :pos], x[:, pos + 1:]], dim=1)
+
+
+@pytest.mark.parametrize("name,r,final_tokens,final_cls", [
+    ("vim_small_patch16_224", 11, 76, 34),  # the paper: Vim-S/B 197 -> 76 tokens (ratio 0.31)
+    ("vim_tiny_patch16_224", 5, 142, 65),  # Vim-Ti 197 -> 142 (ratio 0.14)
+])
+def test_rmeeto_paper_settings_on_full_size_vim(monkeypatch, name, r, final_tokens, final_cls):
+    """R-MeeTo with the paper's defaults (r = 11 for Vim-S, 5 for Vim-Ti, merges at blocks 2, 4,
+    ..., 22) on a full-size model at 224: the token counts after the last merge, the class token
+    carried unchanged to its tracked position at every merge, the patch order restored, and the
+    size-weighted mean of the patch tokens (hidden states and residual stream) kept by every merge."""
+    import timm
+    from blvit.tokens import rmeeto
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    assert default_r(model) == r
+    plans = []
+
+    def recording_matching(*args, **kwargs):
+        plan = real_matching(*args, **kwargs)
+        plans.append(plan)
+        return plan
+
+    real_matching = rmeeto.bipartite_soft_matching
+    monkeypatch.setattr(rmeeto, "bipartite_soft_matching", recording_matching)
+    apply_rmeeto(model, trace_source=True)  # r and layers: the paper's defaults
+    merge = model.token_merge
+    assert merge.layers == list(range(2, 23, 2)) and merge.r == r
+    merges = []
+
+    def checked_merge(layer, hidden, residual, pos):
+        size_in = merge.size if layer > 0 else None
+        out_hidden, out_residual, out_pos = merge(layer, hidden, residual, pos)
+        if out_hidden.shape[1] < hidden.shape[1]:
+            t = hidden.shape[1]
+            assert out_pos == pos * (t - r) // t  # int(pos * (t - r) / t)
+            assert torch.equal(out_hidden[:, out_pos], hidden[:, pos])  # the class token, untouched
+            assert torch.equal(out_residual[:, out_pos], residual[:, pos])
+            ones = torch.ones(1, t - 1, 1)
+            for before, after in ((hidden, out_hidden), (residual, out_residual)):
+                torch.testing.assert_close(
+                    _weighted_mean(_cut_cls(after, out_pos), merge.size),
+                    _weighted_mean(_cut_cls(before, pos), size_in if size_in is not None else ones),
+                    rtol=1e-5, atol=1e-5 * before.abs().max().item())
+            merges.append((layer, out_hidden.shape[1]))
+        return out_hidden, out_residual, out_pos
+
+    model.token_merge = checked_merge
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000)
+    assert merges == [(layer, 197 - r * (i + 1)) for i, layer in enumerate(range(2, 23, 2))]
+    assert merges[-1] == (22, final_tokens)
+    assert merge.token_counts == [197 - r * ((i // 2) if i >= 2 else 0) for i in range(24)]
+    assert merge.token_counts[22:] == [final_tokens, final_tokens]
+    assert merge.cls_positions[-1] == final_cls and model.token_position == final_cls
+    # patch order restored: every merge keeps the surviving tokens in increasing input position,
+    # so the final tokens are in raster order of their representative patches...
+    assert len(plans) == 11
+    roots = torch.arange(196)
+    for plan in plans:
+        assert (plan.positions.diff(dim=1) > 0).all()
+        roots = roots[plan.positions[0]]
+    assert roots.shape == (final_tokens - 1,) and (roots.diff() > 0).all()
+    # ...and each final token covers its representative patch; the 196 patches are partitioned
+    source = merge.source[0]
+    assert source.shape == (final_tokens - 1, 196)
+    assert torch.equal(source.sum(0), torch.ones(196))
+    assert torch.equal(source[torch.arange(final_tokens - 1), roots], torch.ones(final_tokens - 1))
+    assert torch.equal(source.sum(-1), merge.size[0, :, 0])
+
+
 def test_rmeeto_merges_hidden_and_residual_identically():
     from blvit.tokens.rmeeto import RMeeToMerge
 
@@ -278,6 +398,54 @@ def test_merging_reduces_flops():
     assert merged["total"] < base["total"] and merged["scan"] < base["scan"]
 
 
+def test_bad_merging_settings_raise_clear_errors():
+    from blvit.tokens.rmeeto import RMeeToMerge
+    from blvit.train.classification import apply_merging
+
+    vim = _tiny_vim()  # 16 patch tokens + the class token, depth 4
+    # unknown metric / order
+    with pytest.raises(ValueError, match="metric must be 'hidden' or 'residual', got 'keys'"):
+        apply_rmeeto(vim, r=2, metric="keys")
+    with pytest.raises(ValueError, match="order must be 'restore' or 'shuffled', got 'tome'"):
+        apply_rmeeto(vim, r=2, order="tome")
+    # unknown schedule forms: R-MeeTo takes an int or one int per merge layer
+    for bad in ("5", 2.5, (5, -0.5), [2, 1.5], -1, True, {"r": 2}):
+        with pytest.raises((TypeError, ValueError), match=r"R-MeeTo r|r schedule"):
+            apply_rmeeto(vim, r=bad, layers=[1, 2])
+    with pytest.raises(ValueError, match="3 r values for 2 merge layers"):
+        apply_rmeeto(vim, r=[1, 1, 1], layers=[1, 2])
+    with pytest.raises(ValueError, match=r"merge layers \[7\] out of range for a depth-4 model"):
+        apply_rmeeto(vim, r=1, layers=[1, 7])
+    # ToMe: an int, a per-layer list of ints, or (r, float inflect in [-1, 1])
+    vit = _tiny_vit()
+    for bad in ("fast", 2.5, (13, 2.0), [2, 0.5], -1, None, {"r": 2}):
+        with pytest.raises((TypeError, ValueError), match=r"r schedule|r must be >= 0"):
+            apply_tome(vit, r=bad)
+        with pytest.raises((TypeError, ValueError), match=r"an int >= 0, a per-layer list of ints >= 0"):
+            r_schedule(12, bad)
+    with pytest.raises(ValueError, match="r lists 4 layers but the model has 3"):
+        apply_tome(vit, r=[1, 1, 1, 1])
+    # the trainer's model.merge goes through the same checks
+    with pytest.raises(TypeError, match="unknown R-MeeTo r schedule 2.5"):
+        apply_merging(_tiny_vim(), {"method": "rmeeto", "r": 2.5})
+    with pytest.raises(TypeError, match="unknown r schedule 2.5"):
+        apply_merging(_tiny_vit(), {"method": "tome", "r": 2.5})
+    # r larger than allowed: at most half of the patch tokens entering a block can merge there
+    vim = _tiny_vim()
+    with pytest.raises(ValueError, match=r"r=9 at block 1 is larger than allowed: 16 patch tokens enter that block "
+                                         r"\(16 before any merge\), so at most 8 can merge there"):
+        apply_rmeeto(vim, r=9, layers=[1])
+    with pytest.raises(ValueError, match=r"r=6 at block 2 is larger than allowed: 10 patch tokens .* at most 5"):
+        apply_rmeeto(vim, r=6, layers=[1, 2])
+    assert vim.token_merge is None  # nothing installed by a refused call
+    apply_rmeeto(vim, r=8, layers=[1])  # the largest r allowed there
+    with torch.no_grad():
+        vim(torch.randn(1, 3, 32, 32))
+    assert vim.token_merge.token_counts == [17, 9, 9, 9]
+    with pytest.raises(ValueError, match=r"r=9 at block 3 is larger than allowed: 16 patch tokens"):
+        RMeeToMerge(r=9, layers=[3])(3, torch.randn(2, 17, 6), torch.randn(2, 17, 6), 8)  # checked at run time too
+
+
 # ----------------------------------------------------------------------------------------------
 # Visualisation
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +478,7 @@ def test_benchmark_tiny_cpu_run(tmp_path):
     from blvit.tokens.benchmark import main
 
     status = main(["--models", "vim_tiny,deit_small", "--img-size", "64", "--batch", "1", "--repeats", "1",
-                   "--warmup", "0", "--device", "cpu", "--r", "vim_tiny=2", "deit_small=4", "--out", str(tmp_path)])
+                   "--warmup", "0", "--device", "cpu", "--r", "vim_tiny=1", "deit_small=4", "--out", str(tmp_path)])
     assert status == 0
     data = json.loads((tmp_path / "bench_merging.json").read_text())
     assert {"device", "batch", "img_size", "scan_backend", "flops_note", "results"} <= set(data)

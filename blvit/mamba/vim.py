@@ -232,6 +232,11 @@ class VisionMamba(nn.Module):
     ``token_merge``: optional callable ``(layer_index, hidden, residual, cls_index) -> (hidden,
     residual, cls_index)`` run before every block (:func:`blvit.tokens.apply_rmeeto` sets it);
     it is a plain attribute, not a module: it adds nothing to the state dict.
+
+    ``resample_pos_embed``: loading a checkpoint whose position embedding was trained for another
+    patch grid (another ``img_size``) raises a ``CheckpointError`` naming both grids unless this is
+    True; then the embedding is resampled (bicubic, class-token entry kept in the middle) and a log
+    line says so. ``load_vim_checkpoint`` has the same switch.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, stride: Optional[int] = None,
@@ -239,7 +244,7 @@ class VisionMamba(nn.Module):
                  expand: int = 2, d_conv: int = 4, dt_rank: Union[int, str] = "auto", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_epsilon: float = 1e-5, residual_in_fp32: bool = True,
                  bimamba_type: str = "v2", if_divide_out: bool = True, scan_backend: Optional[str] = None,
-                 global_pool: str = "token") -> None:
+                 global_pool: str = "token", resample_pos_embed: bool = False) -> None:
         super().__init__()
         if global_pool != "token":
             raise ValueError("VisionMamba classifies from its middle class token: global_pool must be 'token'")
@@ -253,6 +258,8 @@ class VisionMamba(nn.Module):
         self.num_prefix_tokens = 1  # one class token (in the middle, not first)
         self.grad_checkpointing = False
         self.token_merge: Optional[Callable] = None
+        # a checkpoint whose position embedding has another grid is an error unless this is set
+        self.resample_pos_embed = bool(resample_pos_embed)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -377,7 +384,7 @@ class VisionMamba(nn.Module):
         if path is not None and os.path.isfile(path) and not str(path).endswith((".safetensors", ".npz", ".npy")):
             state_dict = select_state_dict(_read(path), path, use_ema=False)
             where = str(path)
-        state = checkpoint_filter_fn(state_dict, self)
+        state = checkpoint_filter_fn(state_dict, self, where=where)
         if strict:
             _check_state(self, state, where)
         return super().load_state_dict(state, strict=strict, assign=assign)
@@ -447,23 +454,40 @@ def select_state_dict(obj: Mapping[str, Any], path: PathLike = "state dict", use
     return state
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba, resample_pos_embed: Optional[bool] = None,
+                         where: str = "checkpoint") -> Dict[str, torch.Tensor]:
     """timm-style filter for official Vim state dicts: unwraps ``"model"``, strips ``module.``,
-    resamples ``pos_embed`` (bicubic, middle class token kept in the middle) to the model's grid,
-    drops ``head.*`` when the class count differs. Other keys pass through unchanged."""
+    drops ``head.*`` when the class count differs. Other keys pass through unchanged.
+
+    A ``pos_embed`` of the model's width but for another (square) patch grid, i.e. a checkpoint
+    trained at another ``img_size``, raises a ``CheckpointError`` naming both grids, unless
+    ``resample_pos_embed`` (default: the model's ``resample_pos_embed`` attribute) is True: then it
+    is resampled (bicubic, middle class token kept in the middle) with a log line."""
     if any(isinstance(state_dict.get(k), Mapping) for k in ("model", "model_ema", "state_dict")):
         state_dict = select_state_dict(state_dict)
     out = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    if resample_pos_embed is None:
+        resample_pos_embed = bool(getattr(model, "resample_pos_embed", False))
     pos, own = out.get("pos_embed"), model.pos_embed
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[-1] == own.shape[-1] and pos.shape[1] != own.shape[1]:
         old = pos.shape[1] - 1
         side = math.isqrt(max(old, 0))
         if side * side == old and old > 0:
-            logger.info("resampling pos_embed from a %dx%d to a %s grid", side, side, model.patch_embed.grid_size)
+            grid = tuple(model.patch_embed.grid_size)
+            patch = model.patch_embed.patch_size[0]
+            old_desc = f"a {side}x{side} patch grid"
+            if patch == model.patch_embed.proj.stride[0]:
+                old_desc += f" (img_size {side * patch} at patch {patch})"
+            new_desc = f"a {grid[0]}x{grid[1]} grid (img_size {model.patch_embed.img_size[0]})"
+            if not resample_pos_embed:
+                raise CheckpointError(
+                    f"{where}: pos_embed {tuple(pos.shape)} was trained for {old_desc}, the model has {new_desc} "
+                    f"and pos_embed {tuple(own.shape)}: build the model at the checkpoint's image size, or pass "
+                    f"resample_pos_embed=True to resample the position embedding (bicubic)")
+            logger.info("%s: resampling pos_embed from %s to %s", where, old_desc, new_desc)
             mid = old // 2
             patches = torch.cat([pos[:, :mid], pos[:, mid + 1:]], dim=1)
-            patches = resample_abs_pos_embed(patches, list(model.patch_embed.grid_size), old_size=[side, side],
-                                             num_prefix_tokens=0)
+            patches = resample_abs_pos_embed(patches, list(grid), old_size=[side, side], num_prefix_tokens=0)
             new_mid = patches.shape[1] // 2
             out["pos_embed"] = torch.cat([patches[:, :new_mid], pos[:, mid:mid + 1], patches[:, new_mid:]], dim=1)
     head = out.get("head.weight")
@@ -494,11 +518,14 @@ def _check_state(model: VisionMamba, state: Mapping[str, torch.Tensor], where: s
         raise CheckpointError("\n".join(lines))
 
 
-def load_vim_checkpoint(model: VisionMamba, path: PathLike, use_ema: bool = False) -> List[str]:
+def load_vim_checkpoint(model: VisionMamba, path: PathLike, use_ema: bool = False,
+                        resample_pos_embed: Optional[bool] = None) -> List[str]:
     """Load an official Vim file (or a plain state dict file) into ``model``, checked.
-    ``use_ema`` takes ``"model_ema"`` when present. Returns the keys left at initialisation
-    (the head, when the file's class count differs)."""
-    state = checkpoint_filter_fn(select_state_dict(_read(path), path, use_ema=use_ema), model)
+    ``use_ema`` takes ``"model_ema"`` when present. ``resample_pos_embed``: see
+    :func:`checkpoint_filter_fn` (default: the model's attribute, False unless built with it).
+    Returns the keys left at initialisation (the head, when the file's class count differs)."""
+    state = checkpoint_filter_fn(select_state_dict(_read(path), path, use_ema=use_ema), model,
+                                 resample_pos_embed=resample_pos_embed, where=str(path))
     _check_state(model, state, str(path))
     nn.Module.load_state_dict(model, state, strict=False)
     return [k for k in nn.Module.state_dict(model) if k not in state]

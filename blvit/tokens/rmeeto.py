@@ -20,12 +20,13 @@ Token sizes are tracked across merges (size-weighted averages). ``trace_source=T
 which patches each token covers (``model.token_merge.source``, (B, tokens - 1, patches), class
 token excluded) for :func:`blvit.tokens.viz.save_merge_map`.
 """
+from collections.abc import Iterable
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .tome import bipartite_soft_matching, merge_source, merge_wavg
+from .tome import _is_int, bipartite_soft_matching, merge_source, merge_wavg
 
 __all__ = ["DEFAULT_LAYERS", "RMeeToMerge", "apply_rmeeto", "default_r", "remove_rmeeto"]
 
@@ -36,6 +37,40 @@ _DEFAULT_R = {192: 5, 384: 11, 768: 11}
 def default_r(model: nn.Module) -> int:
     """The paper's r: 5 for Vim-Ti (embed 192), 11 for Vim-S / Vim-B (and other widths)."""
     return _DEFAULT_R.get(int(getattr(model, "embed_dim", 0)), 11)
+
+
+_R_FORMS = "an int >= 0 (the same r at every merge layer) or one int >= 0 per merge layer"
+
+
+def _per_layer_r(r: Union[int, Sequence[int]], num_layers: int) -> List[int]:
+    """R-MeeTo's r as one value per merge layer; any other form (ToMe's (r, inflect) schedule, a
+    float, a string, negative values) is refused with a message naming the accepted forms."""
+    if _is_int(r):
+        if r < 0:
+            raise ValueError(f"R-MeeTo r must be >= 0, got {r}; r is {_R_FORMS}")
+        return [int(r)] * num_layers
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        raise ValueError(f"unknown R-MeeTo r schedule {r!r}: ToMe's (r, inflect) form is not used by R-MeeTo; "
+                         f"r is {_R_FORMS}")
+    if isinstance(r, (str, bytes, dict)) or not isinstance(r, Iterable):
+        raise TypeError(f"unknown R-MeeTo r schedule {r!r} ({type(r).__name__}); r is {_R_FORMS}")
+    values = list(r)
+    if not all(_is_int(v) and v >= 0 for v in values):
+        raise ValueError(f"unknown R-MeeTo r schedule {r!r}; r is {_R_FORMS}")
+    if len(values) != num_layers:
+        raise ValueError(f"{len(values)} r values for {num_layers} merge layers")
+    return [int(v) for v in values]
+
+
+def _check_budget(r_per_layer: Dict[int, int], num_patches: int) -> None:
+    """Refuse an r larger than allowed: at most half of the patch tokens entering a block merge there."""
+    tokens = num_patches
+    for layer in sorted(r_per_layer):
+        r = r_per_layer[layer]
+        if r > tokens // 2:
+            raise ValueError(f"R-MeeTo r={r} at block {layer} is larger than allowed: {tokens} patch tokens enter "
+                             f"that block ({num_patches} before any merge), so at most {tokens // 2} can merge there")
+        tokens -= r
 
 
 def _cut(x: torch.Tensor, pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +97,9 @@ class RMeeToMerge:
         if metric not in ("hidden", "residual"):
             raise ValueError(f"metric must be 'hidden' or 'residual', got {metric!r}")
         self.layers = [int(i) for i in layers]
-        if isinstance(r, int):
-            self.r_per_layer: Dict[int, int] = {i: r for i in self.layers}
-        else:
-            r = [int(v) for v in r]
-            if len(r) != len(self.layers):
-                raise ValueError(f"{len(r)} r values for {len(self.layers)} merge layers")
-            self.r_per_layer = dict(zip(self.layers, r))
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"merge layers must be distinct, got {self.layers}")
+        self.r_per_layer: Dict[int, int] = dict(zip(self.layers, _per_layer_r(r, len(self.layers))))
         self.r = r
         self.order = order
         self.metric = metric
@@ -86,13 +117,16 @@ class RMeeToMerge:
             self.reset()
         r = self.r_per_layer.get(layer, 0)
         if r > 0:
-            hidden, residual, pos = self._merge(hidden, residual, pos, r)
+            hidden, residual, pos = self._merge(hidden, residual, pos, r, layer)
         self.token_counts.append(hidden.shape[1])
         self.cls_positions.append(pos)
         return hidden, residual, pos
 
-    def _merge(self, hidden, residual, pos, r):
+    def _merge(self, hidden, residual, pos, r, layer):
         t = hidden.shape[1]
+        if r > (t - 1) // 2:
+            raise ValueError(f"R-MeeTo r={r} at block {layer} is larger than allowed: {t - 1} patch tokens enter that "
+                             f"block, so at most {(t - 1) // 2} can merge there")
         source_tensor = residual if (self.metric == "residual" and residual is not None) else hidden
         metric, _ = _cut(source_tensor, pos)
         plan = bipartite_soft_matching(metric, r, protected=0, order=self.order)
@@ -120,11 +154,13 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
     Args:
         r: tokens merged per merge layer (int, or one value per entry of ``layers``); default
             :func:`default_r` (5 for Vim-Ti, 11 for Vim-S/B). ``r=0`` leaves the model's function
-            unchanged.
+            unchanged. At most half of the patch tokens entering a block can merge there; a larger
+            r raises ``ValueError`` (here, from the model's patch count, and at run time) instead
+            of being silently capped, as does any other form of r (ToMe's ``(r, inflect)``, floats).
         layers: 0-based indices of the blocks at whose input tokens are merged; default every
             second block from 2 (2, 4, ..., 22 for depth 24).
         order: "restore" (R-MeeTo) or "shuffled" (ToMe's order; the ablation).
-        metric: "hidden" (the block's incoming hidden states) or "residual".
+        metric: "hidden" (the block's incoming hidden states) or "residual"; anything else raises.
         trace_source: record patch sources for visualisation.
     """
     if not hasattr(model, "token_merge") or not hasattr(model, "layers"):
@@ -134,7 +170,11 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
     bad = [i for i in layers if not 0 <= int(i) < len(model.layers)]
     if bad:
         raise ValueError(f"merge layers {bad} out of range for a depth-{len(model.layers)} model")
-    model.token_merge = RMeeToMerge(default_r(model) if r is None else r, layers, order, metric, trace_source)
+    merge = RMeeToMerge(default_r(model) if r is None else r, layers, order, metric, trace_source)
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if num_patches is not None:
+        _check_budget(merge.r_per_layer, int(num_patches))
+    model.token_merge = merge
     return model
 
 

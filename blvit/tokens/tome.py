@@ -19,6 +19,8 @@ The matching core (:class:`MergePlan`, :func:`merge_wavg`, :func:`merge_source`)
 the R-MeeTo merging for Vision Mamba (:mod:`blvit.tokens.rmeeto`), which needs the original token
 order restored (``order="restore"``) instead of ToMe's ``[unmerged A, B]`` order.
 """
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,23 +56,40 @@ def r_schedule(num_layers: int, r: RSchedule) -> List[int]:
       ``inflect = -1`` decreasing from 2r to 0, ``0`` constant, ``+1`` increasing from 0 to 2r
       (e.g. ``(16, -0.5)``: from 24 down to 8);
     - a list / tuple of ints: r per layer (shorter lists are padded with zeros).
+
+    Anything else (a string, a float, a negative r, an inflect outside [-1, 1], non-integer list
+    entries) raises ``TypeError`` / ``ValueError`` naming the accepted forms.
     """
-    if isinstance(r, bool):
-        raise TypeError("r must be an int, a per-layer list of ints, or (r, inflect)")
-    if isinstance(r, int):
-        return [max(0, r)] * num_layers
+    forms = "an int >= 0, a per-layer list of ints >= 0, or ToMe's (r, inflect) with a float inflect in [-1, 1]"
+    if _is_int(r):
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}; r is {forms}")
+        return [int(r)] * num_layers
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
         base, inflect = r
+        if not _is_int(base) or base < 0 or not -1.0 <= inflect <= 1.0:
+            raise ValueError(f"unknown r schedule {r!r}; r is {forms}")
         lo = int(base * (1.0 - inflect))
         hi = 2 * base - lo
         step = (hi - lo) / max(num_layers - 1, 1)
         return [max(0, int(lo + step * i)) for i in range(num_layers)]
-    values = [int(v) for v in r]
+    if isinstance(r, (str, bytes, dict)) or not isinstance(r, Iterable):
+        raise TypeError(f"unknown r schedule {r!r} ({type(r).__name__}); r is {forms}")
+    values = list(r)
+    bad = [v for v in values if not _is_int(v)]
+    if bad:
+        raise ValueError(f"unknown r schedule {r!r}: per-layer entries must be ints, got {bad}; r is {forms}")
+    values = [int(v) for v in values]
     if len(values) > num_layers:
         raise ValueError(f"r lists {len(values)} layers but the model has {num_layers}")
     if any(v < 0 for v in values):
         raise ValueError(f"r must be non-negative, got {values}")
     return values + [0] * (num_layers - len(values))
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integer scalars count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def linear_schedule(num_layers: int, r_start: int, r_end: int) -> List[int]:
@@ -267,7 +286,8 @@ def _tome_class(cls: type) -> type:
 
 def apply_tome(model: nn.Module, r: RSchedule = 0, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch a timm ``VisionTransformer`` (DeiT, ViT, ... with timm ``Block`` / ``Attention``) in
-    place for ToMe and return it. ``r``: see :func:`r_schedule`. After each forward,
+    place for ToMe and return it. ``r``: see :func:`r_schedule` (a form it does not know raises at
+    once); as in ToMe, a layer's r is capped at half of its unprotected tokens. After each forward,
     ``model._tome_info`` holds ``"size"`` (B, T, 1), ``"source"`` (B, T, N0) when
     ``trace_source``, and ``"token_counts"`` (tokens after each block). Change r later with
     :func:`set_tome_r`; undo with :func:`remove_tome`.

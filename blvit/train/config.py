@@ -93,7 +93,7 @@ CLASSIFY_DEFAULTS: Dict[str, Any] = {
         "kwargs": {},  # passed to timm.create_model (keep_ratio, img_size, num_classes, ...)
         "dense_checkpoint": None,  # DeiT file initialising a bLViT / EViT model's dense weights
         "checkpoint": None,  # timm's checkpoint_path: a checkpoint of this toolkit or the model's own file
-        "merge": {"method": "none", "r": 0, "layers": None, "order": "restore"},  # none | tome | rmeeto
+        "merge": {"method": "none", "r": 0, "layers": None, "order": "restore"},  # none | tome | rmeeto; r: int or per-layer list
     },
     "teacher": {
         "name": None,  # None: no distillation; e.g. deit_base_patch16_224
@@ -146,7 +146,7 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
             _merge(base[key], value, path, free)
         else:
             number = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
-            if number and not isinstance(value, (int, float)):
+            if number and isinstance(value, str):  # e.g. a typo, or "1e-3" read by an older YAML
                 raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
             base[key] = value
 
