@@ -7,6 +7,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# CI machines are small (2 cores) and often shared: with more than one intra-op thread the tiny
+# models' many small ops wait on descheduled threads (a tiny training step measured 2.7 s with 2
+# threads, 6 ms with one). One thread for the whole suite; torchrun tests set OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
+
 # Small shapes for CI: a 256 x 256 input gives a 16 x 16 grid, so windows of 14 are padded to
 # 28 x 28 and border windows hold few real tokens (the hard case for per-window selection).
 TINY = dict(img_size=256, embed_dim=64, depth=4, num_heads=4, global_attn_indexes=(1, 3))

@@ -31,16 +31,6 @@ TINY_BT = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, nu
 TINY_EVIT = dict(TINY_VIT, reorganize_layers=(1, 3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: with 2 OpenMP threads every small op waits for a
-    descheduled thread (a tiny training step measured 2.7 s, 6 ms on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

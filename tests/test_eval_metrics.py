@@ -38,7 +38,20 @@ from eval import (
 )
 from eval.metrics import COCO_AP_KEYS, LVIS_AP_KEYS
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lvis_v0.5_val_100.json"
+def _find_fixture(name: str) -> Path:
+    """``$BLVIT_FIXTURES/name``, else ``shared/fixtures/name`` beside the checkout or one of its parents."""
+    import os
+
+    if os.environ.get("BLVIT_FIXTURES"):
+        return Path(os.environ["BLVIT_FIXTURES"]) / name
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "fixtures" / name
+        if candidate.exists():
+            return candidate
+    return Path("/work/shared/fixtures") / name
+
+
+FIXTURE = _find_fixture("lvis_v0.5_val_100.json")
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"LVIS fixture not found at {FIXTURE}")
 
 

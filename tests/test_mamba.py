@@ -21,9 +21,6 @@ from blvit.mamba import (
 )
 from blvit.utils.io import CheckpointError
 
-# Two shared cores: more than one intra-op thread oversubscribes them (forwards 100x slower).
-torch.set_num_threads(1)
-
 TINY_VIM = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_classes=10)
 
 
