@@ -1,5 +1,5 @@
 """``BigLittleImageEncoder``: a drop-in for segment-anything's ``ImageEncoderViT``."""
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,13 +95,27 @@ class BigLittleImageEncoder(nn.Module):
 
     def forward_with_selections(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[int, TokenSelection]]:
         """Like ``forward``, also returning the selection made at each predictor layer."""
+        out, selections, _ = self._run(x, ())
+        return out, selections
+
+    def forward_intermediates(self, x: torch.Tensor, layers: Sequence[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Like ``forward``, also returning the (B, H/16, W/16, C) token maps after each of the
+        given blocks (0-based), in the order given: what intermediate-layer distillation compares."""
+        out, _, intermediates = self._run(x, layers)
+        return out, intermediates
+
+    def _run(self, x: torch.Tensor, layers: Sequence[int]):
         self.check_input(x)
+        bad = [i for i in layers if not 0 <= i < len(self.blocks)]
+        if bad:
+            raise ValueError(f"intermediate layers {bad} out of range: the encoder has blocks 0..{len(self.blocks) - 1}")
         x = self.patch_embed(x) + self.pos_embed  # (B, H, W, C)
         b, h, w, c = x.shape
         grid = (h, w)
         x = x.reshape(b, h * w, c).contiguous()  # the conv output is channels-last strided
         selection = None
         selections: Dict[int, TokenSelection] = {}
+        kept: Dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             predictor = self.predictors[str(i)] if str(i) in self.predictors else None
             if predictor is not None:
@@ -113,5 +127,7 @@ class BigLittleImageEncoder(nn.Module):
                 x = checkpoint(block, x, grid, selection, use_reentrant=False)
             else:
                 x = block(x, grid, selection)
+            if i in layers:
+                kept[i] = x.view(b, h, w, c)
         x = self.neck(x.view(b, h, w, c).permute(0, 3, 1, 2))
-        return x, selections
+        return x, selections, [kept[i] for i in layers]

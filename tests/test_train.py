@@ -123,3 +123,53 @@ def test_teacher_embedding_cache(sa1b_root, tmp_path):
     assert cached["final"]["mask"] == pytest.approx(live["final"]["mask"], rel=1e-3)
     with pytest.raises(ValueError, match="meta.json: the cache was made for"):
         train(load_config(QUICK, base + [f"output_dir={tmp_path / 'other'}", f"teacher.cache_dir={cache}", "seed=1"]))
+
+
+def test_forward_intermediates_matches_forward():
+    from conftest import TINY_BT
+    from sam_adapter.build import build_sam_blvit
+
+    torch.manual_seed(0)
+    encoder = build_sam_blvit("b+t", keep_ratio=0.5, **TINY_BT).image_encoder.eval()
+    x = torch.randn(2, 3, TINY_BT["img_size"], TINY_BT["img_size"])
+    with torch.no_grad():
+        out, maps = encoder.forward_intermediates(x, [3, 1])
+        torch.testing.assert_close(out, encoder(x), rtol=0, atol=0)
+        assert [tuple(m.shape) for m in maps] == [(2, 16, 16, TINY_BT["embed_dim"])] * 2
+        # the last block's map through the neck is the output
+        torch.testing.assert_close(encoder.neck(maps[0].permute(0, 3, 1, 2)), out)
+    with pytest.raises(ValueError, match=r"intermediate layers \[4\] out of range: the encoder has blocks 0..3"):
+        encoder.forward_intermediates(x, [4])
+
+
+def test_intermediate_layer_distillation(sa1b_root, tmp_path):
+    """A student equal to its teacher (keep ratio 1, gammas 0) has zero intermediate-layer loss;
+    a different student a positive one; training logs and lowers it; bad settings are refused."""
+    from blvit.train.sam_trainer import SamTrainingModule, build_models
+
+    cfg = load_config(QUICK, ["model.keep_ratio=1.0", "loss.distill_layers=[1,2]", "loss.mask_weight=0"])
+    student, teacher = build_models(cfg)
+    student.image_encoder.load_state_dict(teacher.state_dict(), strict=False)
+    module = SamTrainingModule(student, cfg["loss"]).eval()
+    batch = {"image": torch.randn(2, 3, student.image_encoder.img_size, student.image_encoder.img_size)}
+    with torch.no_grad():
+        t_out, t_maps = teacher.forward_intermediates(batch["image"], [1, 2])
+        same = module(batch, t_out, t_maps)
+        assert same["distill_layers"].item() == pytest.approx(0, abs=1e-5)
+        assert same["distill"].item() == pytest.approx(0, abs=1e-5)
+        student.image_encoder.blocks[0].mlp.lin1.weight.mul_(3)  # (an added constant would vanish after LayerNorm)
+        differ = module(batch, t_out, t_maps)
+    assert differ["distill_layers"].item() > 1e-3
+
+    base = [f"data.root={sa1b_root}", "data.val_root=null", "train.batch_size=2", "train.epochs=3",
+            "train.lr=3e-3", "train.warmup_steps=0"]
+    result = train(load_config(QUICK, base + [f"output_dir={tmp_path / 'layers'}", "loss.distill_layers=[1,3]"]))
+    rows = [json.loads(line) for line in (tmp_path / "layers/metrics.jsonl").read_text().splitlines()]
+    curve = [r["distill_layers"] for r in rows if "distill_layers" in r]
+    assert len(curve) == result["steps"] == 12
+    assert sum(curve[-3:]) < 0.8 * sum(curve[:3]), curve
+    with pytest.raises(ValueError, match=r"distill_layers \[7\]: block indices must be integers in 0..3"):
+        train(load_config(QUICK, base + [f"output_dir={tmp_path / 'bad'}", "loss.distill_layers=7"]))
+    with pytest.raises(ValueError, match="cannot be combined with teacher.cache_dir"):
+        train(load_config(QUICK, base + [f"output_dir={tmp_path / 'bad2'}", "loss.distill_layers=[1]",
+                                         f"teacher.cache_dir={tmp_path / 'cache'}"]))

@@ -75,6 +75,10 @@ SAM_DEFAULTS: Dict[str, Any] = {
     "loss": {
         "distill_weight": 2.5,
         "distill": "cosine",  # cosine | mse
+        # Also distil the token maps after these blocks (0-based; the teacher has the student's
+        # dense layout, so block i matches block i); the term is weight * mean over the layers.
+        "distill_layers": [],
+        "distill_layers_weight": 1.0,
         "mask_weight": 1.0,
         "focal_weight": 20.0,
         "dice_weight": 1.0,

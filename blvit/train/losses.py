@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """(B, C, H, W) embeddings -> scalar. cosine: mean over positions of 1 - cos(s, t) across C."""
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine",
+                      channel_dim: int = 1) -> torch.Tensor:
+    """(B, C, H, W) embeddings (or (B, H, W, C) token maps with ``channel_dim=-1``) -> scalar.
+    cosine: mean over positions of 1 - cos(s, t) across channels; mse: mean squared error."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"distillation: student features {tuple(student.shape)} and teacher features "
+                         f"{tuple(teacher.shape)} differ in shape")
     student, teacher = student.float(), teacher.float()
     if kind == "cosine":
-        return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+        return (1 - F.cosine_similarity(student, teacher, dim=channel_dim)).mean()
     if kind == "mse":
         return F.mse_loss(student, teacher)
     raise ValueError(f"unknown distillation loss {kind!r}; choose cosine or mse")

@@ -8,7 +8,7 @@ import dataclasses
 from functools import partial
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -99,9 +99,17 @@ class SamTrainingModule(nn.Module):
                     terms[k].append(out[k] * pick.sum() / count)
         return {k: torch.stack(v).sum() / embeddings.shape[0] for k, v in terms.items()}
 
-    def forward(self, batch: Dict[str, torch.Tensor], teacher_embeddings: Optional[torch.Tensor] = None):
+    def forward(self, batch: Dict[str, torch.Tensor], teacher_embeddings: Optional[torch.Tensor] = None,
+                teacher_layers: Sequence[torch.Tensor] = ()):
+        """Losses of one batch. teacher_embeddings: (B, C, h, w) encoder outputs (or the batch's
+        cached ``teacher_embedding``); teacher_layers: (B, h, w, D) token maps after the blocks
+        in ``loss.distill_layers``, in that order."""
         cfg = self.loss_cfg
-        embeddings = self.sam.image_encoder(batch["image"])
+        layers = list(cfg["distill_layers"])
+        if layers and teacher_layers:
+            embeddings, student_layers = self.sam.image_encoder.forward_intermediates(batch["image"], layers)
+        else:
+            embeddings, student_layers = self.sam.image_encoder(batch["image"]), []
         if teacher_embeddings is None:
             teacher_embeddings = batch.get("teacher_embedding")
         total = embeddings.new_zeros(())
@@ -109,6 +117,10 @@ class SamTrainingModule(nn.Module):
         if teacher_embeddings is not None and cfg["distill_weight"] > 0:
             out["distill"] = distillation_loss(embeddings, teacher_embeddings, cfg["distill"])
             total = total + cfg["distill_weight"] * out["distill"]
+        if student_layers:
+            out["distill_layers"] = torch.stack([distillation_loss(s, t, cfg["distill"], channel_dim=-1)
+                                                 for s, t in zip(student_layers, teacher_layers)]).mean()
+            total = total + cfg["distill_layers_weight"] * out["distill_layers"]
         if cfg["mask_weight"] > 0:
             out.update(self.prompt_losses(embeddings, batch))
             total = total + cfg["mask_weight"] * (out["mask"] + out["iou"])
@@ -166,6 +178,17 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     img_size = student.image_encoder.img_size
     refs = select_subset(find_samples(Path(d["root"]), d["shards"], strict), d["fraction"], d["count"], cfg["seed"])
     dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict)
+    layers = cfg["loss"]["distill_layers"] or []
+    layers = cfg["loss"]["distill_layers"] = [layers] if isinstance(layers, int) else list(layers)
+    if layers and teacher is None:
+        raise ValueError("loss.distill_layers needs a teacher: set task: sam_distill")
+    depth = len(student.image_encoder.blocks)
+    if any(not isinstance(i, int) or not 0 <= i < depth for i in layers):
+        raise ValueError(f"loss.distill_layers {layers}: block indices must be integers in 0..{depth - 1} "
+                         f"(the student has {depth} blocks)")
+    if layers and cfg["teacher"]["cache_dir"]:
+        raise ValueError("loss.distill_layers cannot be combined with teacher.cache_dir: the cache holds only the "
+                         "teacher's final embeddings (each intermediate map is larger than they are); unset one")
     if teacher is not None:
         teacher.to(device)
         if cfg["teacher"]["cache_dir"]:
@@ -178,11 +201,14 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
         validate = partial(evaluate_box_miou, student, _validation_set(cfg, img_size, strict), device, amp, rank, world)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        teacher_embed = None
+        teacher_embed, teacher_layers = None, []
         if teacher is not None:
             with torch.no_grad():
-                teacher_embed = teacher(batch["image"])
-        return model(batch, teacher_embed)
+                if layers:
+                    teacher_embed, teacher_layers = teacher.forward_intermediates(batch["image"], layers)
+                else:
+                    teacher_embed = teacher(batch["image"])
+        return model(batch, teacher_embed, teacher_layers)
 
     def payload() -> Dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "config": student.image_encoder.config.to_dict(),
@@ -191,5 +217,5 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     task = Task(module=SamTrainingModule(student, cfg["loss"]), dataset=dataset, collate=collate_skipping,
                 losses=losses, payload=payload, load=lambda saved, path: load_checked(student, saved["model"], path, "student model"),
                 validate=validate, score_key="val_box_miou" if validate else None, ema_module=student,
-                set_epoch=dataset.set_epoch, loss_keys=("loss", "distill", "mask", "iou"))
+                set_epoch=dataset.set_epoch, loss_keys=("loss", "distill", "distill_layers", "mask", "iou"))
     return run(task, cfg, world, rank, device, resume)
