@@ -1,7 +1,6 @@
 """Training: config errors, bad samples, resume equivalence, learning."""
 import json
 from pathlib import Path
-import tarfile
 import warnings
 
 import pytest
@@ -173,3 +172,20 @@ def test_intermediate_layer_distillation(sa1b_root, tmp_path):
     with pytest.raises(ValueError, match="cannot be combined with teacher.cache_dir"):
         train(load_config(QUICK, base + [f"output_dir={tmp_path / 'bad2'}", "loss.distill_layers=[1]",
                                          f"teacher.cache_dir={tmp_path / 'cache'}"]))
+
+
+def test_tensorboard_scalars_equal_the_metrics_log(sa1b_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(load_config(QUICK, [f"data.root={sa1b_root}", "data.val_root=null", "train.max_steps=3",
+                              "train.batch_size=2", f"output_dir={out}", "train.tensorboard=true"]))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "distill", "mask", "lr"):
+        logged = [(r["step"], r[key]) for r in rows if key in r]
+        assert len(logged) == 3, key
+        board = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in board] == [s for s, _ in logged]
+        assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
