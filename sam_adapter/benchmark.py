@@ -9,6 +9,7 @@ a speed-versus-FLOPs PNG.
 
     blvit-bench                                  # GPU: 1024 px, vit_b / vit_h families, batch 1 and 8
     blvit-bench --img-size 256 --batches 1 --encoders vit_b dense_vit_b b+t@0.25   # a quick CPU look
+    blvit-bench --attn-backends sdpa folded flex --compile   # each toolkit encoder with each backend
 """
 import argparse
 import json
@@ -23,6 +24,7 @@ import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 
 from blvit.flops import module_macs_on_meta
+from blvit.layers import ATTENTION_BACKENDS, Attention, set_attention_backend
 from blvit.utils.io import atomic_write_text, load_checked
 
 from .build import build_sam_from_config, sam_from_encoder
@@ -50,8 +52,15 @@ def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[s
     encoders: Dict[str, nn.Module] = {}
     stock: Dict[str, Dict[str, torch.Tensor]] = {}
     for name in names:
-        variant, _, keep = name.partition("@")
+        base, _, backend = name.partition("/")
+        variant, _, keep = base.partition("@")
+        if variant.replace("dense_", "") not in DENSE_SOURCE:
+            raise ValueError(f"unknown encoder {name!r}; use vit_b|vit_l|vit_h, dense_vit_*, b+t@KEEP, h+b@KEEP, "
+                             f"optionally /BACKEND for this toolkit's encoders ({', '.join(ATTENTION_BACKENDS)})")
         family = DENSE_SOURCE[variant.replace("dense_", "")]
+        if backend and variant == family:
+            raise ValueError(f"{name!r}: stock segment_anything encoders have one attention implementation; "
+                             f"attention backends apply to dense_{family}, b+t and h+b")
         if family not in stock:
             torch.manual_seed(seed)
             enc = stock_encoder(family, img_size)
@@ -71,6 +80,7 @@ def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[s
             cfg = make_config(layout, img_size=img_size, keep_ratio=float(keep or 0.25) if keep else 1.0)
             enc = build_sam_from_config(cfg).image_encoder
             load_checked(enc, stock[family], f"<random {family}>", "image encoder", _is_new_parameter)
+            set_attention_backend(enc, backend or "sdpa")
         encoders[name] = enc
     return encoders
 
@@ -126,6 +136,32 @@ def predictor_latency(encoder: nn.Module, img_size: int, device: torch.device, a
     return statistics.median(time_call(once, device, repeats, warmup))
 
 
+def _measured_macs(encoder: nn.Module, img_size: int) -> float:
+    """FlopCounterMode MACs of one image. FlexAttention has no FLOP formula, so its encoders are
+    counted as the same math through SDPA (the bias additions are not MACs either way)."""
+    backends = {m.backend for m in encoder.modules() if isinstance(m, Attention)}
+    if backends != {"flex"}:
+        return module_macs_on_meta(encoder, (1, 3, img_size, img_size))
+    set_attention_backend(encoder, "sdpa")
+    try:
+        return module_macs_on_meta(encoder, (1, 3, img_size, img_size))
+    finally:
+        set_attention_backend(encoder, "flex")
+
+
+def expand_backends(names: Sequence[str], backends: Sequence[str]) -> List[str]:
+    """Each toolkit encoder named without a backend once per backend (``dense_vit_h/folded``);
+    stock encoders and names that carry a backend as they are."""
+    out: List[str] = []
+    for name in names:
+        variant = name.partition("@")[0]
+        if "/" in name or variant in DENSE_SOURCE.values() or list(backends) == ["sdpa"]:
+            out.append(name)
+        else:
+            out += [name if b == "sdpa" else f"{name}/{b}" for b in backends]
+    return out
+
+
 def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], repeats: int, warmup: int,
                   device: torch.device, amp: bool, compile_: bool = False, with_predictor: bool = True) -> List[Dict[str, Any]]:
     rows = []
@@ -133,7 +169,7 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
     peak = bf16_peak(device)
     for name, enc in encoders.items():
         enc = enc.to(device).eval()
-        macs = module_macs_on_meta(enc, (1, 3, img_size, img_size))
+        macs = _measured_macs(enc, img_size)
         run_enc = torch.compile(enc) if compile_ else enc
         for batch in batches:
             x = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -201,7 +237,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     parser.add_argument("--encoders", nargs="+", default=list(DEFAULT_ENCODERS) if gpu else ["vit_b", "dense_vit_b", "b+t@0.25"],
-                        help="vit_b|vit_l|vit_h (stock), dense_vit_*, b+t@KEEP, h+b@KEEP")
+                        help="vit_b|vit_l|vit_h (stock), dense_vit_*, b+t@KEEP, h+b@KEEP; this toolkit's "
+                             "encoders take /BACKEND (e.g. dense_vit_h/folded)")
+    parser.add_argument("--attn-backends", nargs="+", default=["sdpa"], choices=ATTENTION_BACKENDS,
+                        help="run every toolkit encoder with each of these attention backends "
+                             "(how the relative-position bias reaches the kernel; see blvit.layers.attention)")
     parser.add_argument("--img-size", type=int, default=1024 if gpu else 256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8] if gpu else [1])
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
@@ -213,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if gpu else "cpu")
     amp = not args.fp32 and gpu  # bf16 autocast on CPU is slower than float32 and says nothing about GPUs
-    rows = run_benchmark(args.encoders, args.img_size, args.batches, args.repeats, args.warmup, device, amp,
+    rows = run_benchmark(expand_backends(args.encoders, args.attn_backends), args.img_size, args.batches, args.repeats, args.warmup, device, amp,
                          args.compile, not args.no_predictor)
     report = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
               "dtype": "bf16" if amp else "float32", "torch": torch.__version__, "compile": args.compile,

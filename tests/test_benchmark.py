@@ -22,3 +22,23 @@ def test_bench_encoders_share_the_stock_weights():
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(enc["dense_vit_b"](x), enc["vit_b"](x), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_attention_backends(tmp_path):
+    import pytest
+
+    from sam_adapter.benchmark import expand_backends
+
+    assert expand_backends(["vit_b", "dense_vit_b", "b+t@0.25/flex"], ["sdpa", "folded"]) == \
+        ["vit_b", "dense_vit_b", "dense_vit_b/folded", "b+t@0.25/flex"]
+    main(["--img-size", "128", "--encoders", "dense_vit_b", "b+t@0.25", "--attn-backends", "sdpa", "folded", "flex",
+          "--batches", "1", "--repeats", "1", "--warmup", "0", "--no-predictor", "--out", str(tmp_path)])
+    rows = {r["encoder"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(rows) == {f"{e}{b}" for e in ("dense_vit_b", "b+t@0.25") for b in ("", "/folded", "/flex")}
+    # flex is counted as the SDPA math; folded does more MACs (its q and k are d + 2w wider)
+    assert rows["dense_vit_b/flex"]["gmacs_per_image"] == rows["dense_vit_b"]["gmacs_per_image"]
+    assert rows["dense_vit_b/folded"]["gmacs_per_image"] > rows["dense_vit_b"]["gmacs_per_image"]
+    with pytest.raises(ValueError, match="stock segment_anything encoders have one attention implementation"):
+        build_encoders(["vit_b/folded"], 128)
+    with pytest.raises(ValueError, match="unknown encoder 'vit_q'"):
+        build_encoders(["vit_q"], 128)

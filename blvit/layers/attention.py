@@ -8,15 +8,71 @@ rel_pos_h, rel_pos_w) so SAM checkpoints load as they are:
 - the P-block's semi-cross attention: queries from the selected tokens only, keys and values
   from every token; the relative-position bias follows the selected queries.
 """
-from typing import Optional, Tuple
+from functools import lru_cache
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..routing import TokenSelection
-from .rel_pos import decomposed_rel_pos_bias
+from .rel_pos import axis_rel_pos_biases, decomposed_rel_pos_bias
 from .windows import window_partition, window_unpartition
+
+# How the relative-position bias reaches the attention kernel (same numerics, different kernels):
+#   sdpa:   the (B, heads, Lq, Lk) bias is built and passed to SDPA as a float mask (keeps SDPA off
+#           its flash kernel and reads the whole bias from memory).
+#   folded: no mask: q' = [q / sqrt(d), bias_h, bias_w] and k' = [k, onehot(k_row), onehot(k_col)],
+#           so q' . k' is the biased logit; SDPA then runs maskless (d + k_h + k_w wide q/k).
+#   flex:   FlexAttention with the two bias factors looked up in a score_mod (no bias tensor of
+#           Lq x Lk); compiled on CUDA, FlexAttention's unfused reference path elsewhere.
+ATTENTION_BACKENDS = ("sdpa", "folded", "flex")
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Make every ``Attention`` inside ``module`` use ``backend`` (one of ATTENTION_BACKENDS)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    return module
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex_attention() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q, k, v, score_mod, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+    if torch.is_grad_enabled() and q.requires_grad and not torch.compiler.is_compiling():
+        raise RuntimeError("attention backend 'flex' runs FlexAttention's reference path outside torch.compile, "
+                           "which has no backward pass; train with backend 'sdpa' or 'folded', or compile the model")
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def folded_bias_qk(
+    q: torch.Tensor, k: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor, k_grid: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q (B, h, Lq, d) unscaled, k (B, h, Lk, d), bias factors (B, h, Lq, k_h) and (B, h, Lq, k_w)
+    -> q', k' (..., d') with q' . k' = q . k / sqrt(d) + bias_h[kh] + bias_w[kw]; d' is
+    d + k_h + k_w rounded up to a multiple of 8 (kernel alignment)."""
+    k_h, k_w = k_grid
+    width = q.shape[-1] + k_h + k_w
+    pad = -width % 8
+    keys = torch.arange(k_h * k_w, device=k.device)
+    onehot = torch.cat([F.one_hot(keys // k_w, k_h), F.one_hot(keys % k_w, k_w),
+                        keys.new_zeros(keys.shape[0], pad)], dim=-1).to(k.dtype)
+    q_fold = torch.cat([q * q.shape[-1] ** -0.5, bias_h.to(q.dtype), bias_w.to(q.dtype),
+                        q.new_zeros(*q.shape[:-1], pad)], dim=-1)
+    k_fold = torch.cat([k, onehot.expand(*k.shape[:-1], onehot.shape[-1])], dim=-1)
+    return q_fold, k_fold
 
 
 class Attention(nn.Module):
@@ -44,6 +100,7 @@ class Attention(nn.Module):
         attn_dim = attn_dim or dim
         if attn_dim % num_heads:
             raise ValueError(f"attention width {attn_dim} is not divisible by {num_heads} heads")
+        self.backend = "sdpa"  # see ATTENTION_BACKENDS; set_attention_backend changes a whole model
         self.num_heads = num_heads
         self.attn_dim = attn_dim
         self.head_dim = attn_dim // num_heads
@@ -73,12 +130,27 @@ class Attention(nn.Module):
 
         Returns (B, Lq, h * d).
         """
-        mask = None
-        if self.use_rel_pos:
-            q_h, q_w = q_pos // k_grid[1], q_pos % k_grid[1]
-            mask = decomposed_rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_grid)
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).flatten(2)
+        q_h, q_w = q_pos // k_grid[1], q_pos % k_grid[1]
+        if self.backend == "sdpa":
+            mask = decomposed_rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_grid).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.backend == "folded":
+            bias_h, bias_w = axis_rel_pos_biases(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_grid)
+            q_fold, k_fold = folded_bias_qk(q, k, bias_h, bias_w, k_grid)
+            out = F.scaled_dot_product_attention(q_fold, k_fold, v, scale=1.0)
+        elif self.backend == "flex":
+            bias_h, bias_w = axis_rel_pos_biases(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_grid)
+            bias_h, bias_w, k_w = bias_h.to(q.dtype), bias_w.to(q.dtype), k_grid[1]
+
+            def add_bias(score, b, h, q_idx, kv_idx):
+                return score + bias_h[b, h, q_idx, kv_idx // k_w] + bias_w[b, h, q_idx, kv_idx % k_w]
+
+            out = _flex_attention(q, k, v, add_bias, q.shape[-1] ** -0.5)
+        else:
+            raise ValueError(f"unknown attention backend {self.backend!r}; choose one of {ATTENTION_BACKENDS}")
         return out.transpose(1, 2).flatten(2)
 
     def _padded_windows(self, t: torch.Tensor, bias: Optional[torch.Tensor], grid, window_size: int):

@@ -29,6 +29,20 @@ def _axis_bias(q: torch.Tensor, q_coord: torch.Tensor, table: torch.Tensor, k_le
     return torch.gather(logits, -1, index)
 
 
+def axis_rel_pos_biases(
+    q: torch.Tensor,
+    q_h: torch.Tensor,
+    q_w: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    k_size: Tuple[int, int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the decomposed bias: (B, heads, Lq, k_h) and (B, heads, Lq, k_w);
+    the bias of key (kh, kw) is ``bias_h[..., kh] + bias_w[..., kw]``. Arguments as
+    ``decomposed_rel_pos_bias``."""
+    return _axis_bias(q, q_h, rel_pos_h, k_size[0]), _axis_bias(q, q_w, rel_pos_w, k_size[1])
+
+
 def decomposed_rel_pos_bias(
     q: torch.Tensor,
     q_h: torch.Tensor,
@@ -48,7 +62,5 @@ def decomposed_rel_pos_bias(
     Returns:
         (B, heads, Lq, k_h * k_w) bias.
     """
-    k_h, k_w = k_size
-    bias_h = _axis_bias(q, q_h, rel_pos_h, k_h)
-    bias_w = _axis_bias(q, q_w, rel_pos_w, k_w)
+    bias_h, bias_w = axis_rel_pos_biases(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
     return (bias_h[..., :, None] + bias_w[..., None, :]).flatten(-2)
