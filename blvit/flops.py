@@ -67,11 +67,23 @@ def analytic_sam_encoder_macs(config) -> Dict[str, float]:
 
 def module_macs_on_meta(module: nn.Module, input_shape: Tuple[int, ...]) -> int:
     """Multiply-accumulates of an existing (loaded) ``module``, counted on ``meta`` copies of its
-    parameters and buffers: no arithmetic and no second copy of the weights."""
+    parameters and buffers: no arithmetic and no second copy of the weights.
+
+    FlexAttention neither runs on ``meta`` nor has a FLOP formula, so attention layers set to the
+    ``flex`` backend are counted as the same math through SDPA (bias additions are not MACs)."""
     from torch.func import functional_call
 
+    from .layers.attention import Attention
+
+    flex = [m for m in module.modules() if isinstance(m, Attention) and m.backend == "flex"]
     tensors = {name: t.to("meta") for name, t in list(module.named_parameters()) + list(module.named_buffers())}
     x = torch.zeros(input_shape, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        functional_call(module, tensors, (x,))
+    try:
+        for m in flex:
+            m.backend = "sdpa"
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            functional_call(module, tensors, (x,))
+    finally:
+        for m in flex:
+            m.backend = "flex"
     return int(counter.get_total_flops()) // 2

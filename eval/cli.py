@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as torch_dist
 
+from blvit.layers import ATTENTION_BACKENDS
 from blvit.utils.io import atomic_write_text
 
 from .annotations import AnnotationError, load_annotations
@@ -67,14 +68,14 @@ def write_report(report: Dict[str, Any], out: Path, keys: Sequence[str]) -> None
 def _model_and_encoder(args, device, amp):
     from .sam_eval import Encoder, load_sam_model
 
-    sam, info = load_sam_model(args.model, args.checkpoint, args.keep_ratio)
+    sam, info = load_sam_model(args.model, args.checkpoint, args.keep_ratio, args.attn_backend)
     return sam, info, Encoder(sam, device, amp)
 
 
 def _signature(args, extra: Dict[str, Any]) -> Dict[str, Any]:
     return {"annotations": str(Path(args.annotations).resolve()), "model": args.model,
             "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-            "keep_ratio": args.keep_ratio, **extra}
+            "keep_ratio": args.keep_ratio, "attn_backend": args.attn_backend, **extra}
 
 
 def cmd_prompts(args) -> Optional[Dict[str, Any]]:
@@ -213,6 +214,8 @@ def _common_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="vit_b|vit_l|vit_h (stock SAM), dense_vit_b|_l|_h, b+t, h+b")
     p.add_argument("--checkpoint", help="official SAM .pth, or a checkpoint of this toolkit")
     p.add_argument("--keep-ratio", type=float, help="override a bLViT model's keep ratio")
+    p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS,
+                   help="how this toolkit's encoders add the relative-position bias (default sdpa; speed: blvit-bench)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--fresh", action="store_true", help="discard cached predictions of an earlier run")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")

@@ -33,14 +33,16 @@ STOCK = ("vit_b", "vit_l", "vit_h")
 PROMPT_CHUNK = 64  # prompts decoded together; bounds memory on images with many objects
 
 
-def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Optional[float] = None) -> Tuple[Sam, Dict[str, Any]]:
+def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Optional[float] = None,
+                   attn_backend: Optional[str] = None) -> Tuple[Sam, Dict[str, Any]]:
     """Build the model ``--model``/``--checkpoint`` name.
 
     ``model``: ``vit_b``/``vit_l``/``vit_h`` (segment-anything's encoder; checkpoint: an official
     SAM file), ``dense_vit_b``/``_l``/``_h`` (this toolkit's SDPA encoder; an official SAM file
     or a dense checkpoint of this toolkit), ``b+t``/``h+b`` (a bLViT-SAM checkpoint of this
     toolkit; an official SAM file only initialises the P-blocks, and says so). Without a
-    checkpoint the model is randomly initialised, with a loud warning.
+    checkpoint the model is randomly initialised, with a loud warning. ``attn_backend``: how this
+    toolkit's encoders add the relative-position bias (``blvit.layers.ATTENTION_BACKENDS``).
     """
     from sam_adapter.build import build_sam_blvit, build_sam_from_checkpoint, build_sam_stock, sam_model_registry
     from sam_adapter.checkpoint import FORMAT
@@ -52,6 +54,9 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         warnings.warn(f"--model {model} without --checkpoint: RANDOMLY INITIALISED weights, the figures are meaningless",
                       UserWarning, stacklevel=2)
     own_format = checkpoint is not None and read_checkpoint(checkpoint).get("format") == FORMAT
+    if attn_backend is not None and model in STOCK:
+        raise ValueError(f"--attn-backend applies to this toolkit's encoders (dense_{model}, b+t, h+b), "
+                         f"not to segment_anything's --model {model}")
     if model in STOCK:
         if own_format:
             raise ValueError(f"{checkpoint}: a checkpoint of this toolkit; stock SAM --model {model} takes an official "
@@ -73,6 +78,11 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         sam = build_sam_blvit(model, sam_checkpoint=checkpoint, keep_ratio=keep_ratio or 0.25)
     encoder = sam.image_encoder
     info.update(encoder=type(encoder).__name__, img_size=int(encoder.img_size))
+    if model not in STOCK:
+        from blvit.layers import set_attention_backend
+
+        set_attention_backend(encoder, attn_backend or "sdpa")
+        info.update(attn_backend=attn_backend or "sdpa")
     if hasattr(encoder, "config"):
         info.update(layout=encoder.config.name, keep_ratio=encoder.config.keep_ratio)
     return sam.eval(), info

@@ -24,7 +24,7 @@ import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 
 from blvit.flops import module_macs_on_meta
-from blvit.layers import ATTENTION_BACKENDS, Attention, set_attention_backend
+from blvit.layers import ATTENTION_BACKENDS, set_attention_backend
 from blvit.utils.io import atomic_write_text, load_checked
 
 from .build import build_sam_from_config, sam_from_encoder
@@ -136,19 +136,6 @@ def predictor_latency(encoder: nn.Module, img_size: int, device: torch.device, a
     return statistics.median(time_call(once, device, repeats, warmup))
 
 
-def _measured_macs(encoder: nn.Module, img_size: int) -> float:
-    """FlopCounterMode MACs of one image. FlexAttention has no FLOP formula, so its encoders are
-    counted as the same math through SDPA (the bias additions are not MACs either way)."""
-    backends = {m.backend for m in encoder.modules() if isinstance(m, Attention)}
-    if backends != {"flex"}:
-        return module_macs_on_meta(encoder, (1, 3, img_size, img_size))
-    set_attention_backend(encoder, "sdpa")
-    try:
-        return module_macs_on_meta(encoder, (1, 3, img_size, img_size))
-    finally:
-        set_attention_backend(encoder, "flex")
-
-
 def expand_backends(names: Sequence[str], backends: Sequence[str]) -> List[str]:
     """Each toolkit encoder named without a backend once per backend (``dense_vit_h/folded``);
     stock encoders and names that carry a backend as they are."""
@@ -169,7 +156,7 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
     peak = bf16_peak(device)
     for name, enc in encoders.items():
         enc = enc.to(device).eval()
-        macs = _measured_macs(enc, img_size)
+        macs = module_macs_on_meta(enc, (1, 3, img_size, img_size))
         run_enc = torch.compile(enc) if compile_ else enc
         for batch in batches:
             x = torch.randn(batch, 3, img_size, img_size, device=device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blvit.layers import ATTENTION_BACKENDS, set_attention_backend
-from blvit.routing import TokenPredictor, select_windowed
+from blvit.routing import select_windowed
 from conftest import TINY, TINY_BT, randomize_
 from sam_adapter.build import build_sam_blvit
 

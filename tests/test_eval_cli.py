@@ -69,6 +69,18 @@ def test_interrupted_run_resumes_from_cache(setup):
         _prompts(data, out, "b+t", student, "--prompt", "box", "--keep-ratio", "0.5")
 
 
+def test_attention_backends_give_the_same_report(setup, tmp_path):
+    """--attn-backend changes the kernels, not the masks; it is refused for stock SAM models."""
+    _, data, _, student = setup
+    reports = {b: _prompts(data, tmp_path / f"{b}.json", "b+t", student, "--prompt", "box", "--attn-backend", b)
+               for b in ("sdpa", "folded", "flex")}
+    assert reports["sdpa"]["attn_backend"] == "sdpa" and reports["flex"]["attn_backend"] == "flex"
+    for b in ("folded", "flex"):
+        assert reports[b]["mIoU"] == pytest.approx(reports["sdpa"]["mIoU"], abs=1e-3), b
+    with pytest.raises(ValueError, match="--attn-backend applies to this toolkit's encoders"):
+        _prompts(data, tmp_path / "stock.json", "vit_b", student, "--attn-backend", "folded")
+
+
 def test_instances_from_detections_and_predictions(setup, tmp_path):
     tmp, data, teacher, _ = setup
     gt = json.loads(Path(data["heldout_lvis"]).read_text())
