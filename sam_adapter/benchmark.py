@@ -157,7 +157,7 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
     for name, enc in encoders.items():
         enc = enc.to(device).eval()
         macs = module_macs_on_meta(enc, (1, 3, img_size, img_size))
-        run_enc = torch.compile(enc) if compile_ else enc
+        run_enc = torch.compile(enc, dynamic=False) if compile_ else enc  # static shapes by design
         for batch in batches:
             x = torch.randn(batch, 3, img_size, img_size, device=device)
 

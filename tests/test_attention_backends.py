@@ -77,3 +77,15 @@ def test_folded_big_little_block_compiles_without_graph_breaks():
     x = torch.randn(2, 256, TINY["embed_dim"])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), step(x))
+
+
+@pytest.mark.heavy
+def test_flex_backend_under_torch_compile():
+    """The path blvit-bench --compile takes (static shapes): the compiled encoder matches SDPA."""
+    encoder = _encoders()["dense"]
+    x = torch.randn(2, 3, TINY["img_size"], TINY["img_size"])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        reference = set_attention_backend(encoder, "sdpa")(x)
+        out = torch.compile(set_attention_backend(encoder, "flex"), dynamic=False)(x)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)

@@ -46,15 +46,35 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_attention(q, k, v, score_mod, scale):
+def _rel_pos_score_mod(bias_h: torch.Tensor, bias_w: torch.Tensor, k_w: int) -> Callable:
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias_h[b, h, q_idx, kv_idx // k_w] + bias_w[b, h, q_idx, kv_idx % k_w]
+
+    return add_bias
+
+
+@torch.compiler.disable
+def _flex_in_own_graph(q, k, v, bias_h, bias_w, k_w: int, scale: float) -> torch.Tensor:
+    # Inductor's CPU FlexAttention cannot lower a score_mod whose tensors are computed inside the
+    # same graph (NoValidChoicesError, torch 2.14); as inputs of their own graph they lower.
+    return _compiled_flex_attention()(q, k, v, score_mod=_rel_pos_score_mod(bias_h, bias_w, k_w), scale=scale)
+
+
+def _flex_attention(q, k, v, bias_h, bias_w, k_w: int, scale: float) -> torch.Tensor:
+    """FlexAttention with the decomposed bias in a score_mod: compiled on CUDA, the reference path
+    on CPU in eager mode (tests), its own compiled graph when an outer torch.compile runs on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if q.is_cuda and not torch.compiler.is_compiling():
-        return _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
-    if torch.is_grad_enabled() and q.requires_grad and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        if q.is_cuda:
+            return flex_attention(q, k, v, score_mod=_rel_pos_score_mod(bias_h, bias_w, k_w), scale=scale)
+        return _flex_in_own_graph(q, k, v, bias_h, bias_w, k_w, scale)
+    if q.is_cuda:
+        return _compiled_flex_attention()(q, k, v, score_mod=_rel_pos_score_mod(bias_h, bias_w, k_w), scale=scale)
+    if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError("attention backend 'flex' runs FlexAttention's reference path outside torch.compile, "
                            "which has no backward pass; train with backend 'sdpa' or 'folded', or compile the model")
-    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+    return flex_attention(q, k, v, score_mod=_rel_pos_score_mod(bias_h, bias_w, k_w), scale=scale)
 
 
 def folded_bias_qk(
@@ -143,12 +163,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q_fold, k_fold, v, scale=1.0)
         elif self.backend == "flex":
             bias_h, bias_w = axis_rel_pos_biases(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_grid)
-            bias_h, bias_w, k_w = bias_h.to(q.dtype), bias_w.to(q.dtype), k_grid[1]
-
-            def add_bias(score, b, h, q_idx, kv_idx):
-                return score + bias_h[b, h, q_idx, kv_idx // k_w] + bias_w[b, h, q_idx, kv_idx % k_w]
-
-            out = _flex_attention(q, k, v, add_bias, q.shape[-1] ** -0.5)
+            out = _flex_attention(q, k, v, bias_h.to(q.dtype), bias_w.to(q.dtype), k_grid[1], q.shape[-1] ** -0.5)
         else:
             raise ValueError(f"unknown attention backend {self.backend!r}; choose one of {ATTENTION_BACKENDS}")
         return out.transpose(1, 2).flatten(2)
