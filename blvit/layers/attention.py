@@ -25,7 +25,8 @@ from .windows import window_partition, window_unpartition
 #   folded: no mask: q' = [q / sqrt(d), bias_h, bias_w] and k' = [k, onehot(k_row), onehot(k_col)],
 #           so q' . k' is the biased logit; SDPA then runs maskless (d + k_h + k_w wide q/k).
 #   flex:   FlexAttention with the two bias factors looked up in a score_mod (no bias tensor of
-#           Lq x Lk); compiled on CUDA, FlexAttention's unfused reference path elsewhere.
+#           Lq x Lk); compiled on CUDA and under torch.compile, the unfused reference path in
+#           eager mode on CPU (inference only).
 ATTENTION_BACKENDS = ("sdpa", "folded", "flex")
 
 
