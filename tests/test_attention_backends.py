@@ -20,6 +20,7 @@ def _encoders():
     return {"dense": dense, "b+t": randomize_(blvit, std=0.2)}
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the CPU reference path, on purpose
 @pytest.mark.parametrize("backend", ["folded", "flex"])
 def test_backends_give_the_sdpa_outputs(backend):
     x = torch.randn(2, 3, TINY["img_size"], TINY["img_size"])
