@@ -366,3 +366,78 @@ def test_flops_bt_at_most_0_6_of_deit_b():
     before = model.blocks[1].attn.qkv.weight.clone()
     assert classifier_macs(model) == analytic_classifier_macs(make_config("b+t", **TINY_BT))["total"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, before) and model.training
+
+
+# ------------------------------------------------------------------------------------------
+# DynamicViT
+# ------------------------------------------------------------------------------------------
+TINY_DYN = dict(TINY_VIT, prune_layers=(1, 3))
+
+
+def test_dynamicvit_keep_1_equals_deit_token_counts_and_flops(tiny_deit):
+    from blvit.models import DynamicViT
+
+    ref, paths = tiny_deit
+    model = timm.create_model("dynamicvit_base_patch16_224", keep_ratio=1.0, dense_checkpoint=paths["deit"],
+                              **TINY_DYN).eval()
+    assert isinstance(model, DynamicViT)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(x)
+        assert rel_err(model(x), expected) < 1e-4
+        model.keep_ratio = 0.5
+        counts = []
+        hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for b in model.blocks]
+        logits = model(x)
+        for h in hooks:
+            h.remove()
+    assert counts == model.token_counts() == [17, 9, 9, 5]  # 16 -> int(16 * 0.5) = 8 -> int(16 * 0.25) = 4
+    assert rel_err(logits, expected) > 1e-3
+    with torch.device("meta"):
+        base = timm.create_model("dynamicvit_base_patch16_224")
+    assert base.token_counts() == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3  # 196 -> 137 -> 96 -> 67
+    deit_b = classifier_macs("deit_base_patch16_224")
+    dyn = classifier_macs("dynamicvit_base_patch16_224")
+    assert 11.0e9 < dyn < 11.6e9, dyn  # DynamicViT-B/0.7: 11.2 G in its paper; 11.5 here, predictors included
+    assert classifier_macs("dynamicvit_base_patch16_224", keep_ratio=1.0) == deit_b  # nothing pruned, no predictor runs
+
+
+def test_dynamicvit_masked_training_path_equals_the_pruned_path():
+    """With the same kept set, the training path (all tokens, pruned ones masked out of
+    attention) gives the kept tokens exactly the values the inference path (gather) gives."""
+    from blvit.models.dynamicvit import attention_with_policy
+
+    torch.manual_seed(0)
+    model = perturb_(timm.create_model("dynamicvit_base_patch16_224", **TINY_DYN)).eval()
+    block = model.blocks[2]
+    x = torch.randn(2, 17, 64)
+    keep = torch.zeros(2, 17)
+    keep[:, 0] = 1
+    keep[0, [1, 4, 5, 9, 16]] = 1
+    keep[1, [2, 3, 7, 8, 11]] = 1
+    with torch.no_grad():
+        masked = x + attention_with_policy(block, block.norm1(x), keep)
+        masked = masked + block.mlp(block.norm2(masked))
+        for i in range(2):
+            index = keep[i].nonzero()[:, 0]
+            torch.testing.assert_close(masked[i, index], block(x[i : i + 1, index])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dynamicvit_training_step_sends_gradients_to_the_predictors_and_the_ratio_loss_counts():
+    torch.manual_seed(0)
+    model = timm.create_model("dynamicvit_base_patch16_224", keep_ratio=0.5, **TINY_DYN).train()
+    x = torch.randn(4, 3, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (4, 17, 64)  # training keeps every token in the tensor
+    ratio = model.pruning_loss()
+    assert ratio.item() >= 0 and len(model._keep_fractions) == 2
+    (model.forward_head(features).logsumexp(-1).mean() + 2.0 * ratio).backward()
+    for name in ("predictors.1.out_conv.4.weight", "predictors.3.in_conv.1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert model.pruning_loss().item() == 0.0
+    with pytest.raises(ValueError, match=r"keep_ratio 1.5 must be in \(0, 1\]"):
+        timm.create_model("dynamicvit_base_patch16_224", keep_ratio=1.5, **TINY_DYN)

@@ -1,7 +1,9 @@
-"""ImageNet classifiers: the bLViT classifier and the EViT baseline, registered with timm.
+"""ImageNet classifiers: the bLViT classifier and the EViT and DynamicViT baselines, registered
+with timm.
 
 Importing this package (``import blvit`` does) registers ``blvit_base_tiny_patch16_224``,
-``blvit_small_tiny_patch16_224``, ``evit_base_patch16_224`` and ``evit_small_patch16_224``.
+``blvit_small_tiny_patch16_224``, ``evit_base_patch16_224``, ``evit_small_patch16_224``,
+``dynamicvit_base_patch16_224`` and ``dynamicvit_small_patch16_224``.
 """
 from .blvit_vit import (
     VARIANTS,
@@ -16,12 +18,14 @@ from .blvit_vit import (
     make_config,
     save_blvit_checkpoint,
 )
+from .dynamicvit import DynamicViT
 from .evit import EViT, reorganize_tokens
 
 __all__ = [
     "VARIANTS",
     "BigLittleViT",
     "BigLittleViTConfig",
+    "DynamicViT",
     "EViT",
     "analytic_classifier_macs",
     "checkpoint_filter_fn",

@@ -109,6 +109,10 @@ class ClassifierTrainingModule(nn.Module):
             supervised = F.cross_entropy(logits.float(), targets, label_smoothing=cfg["smoothing"])
         out = {"supervised": supervised}
         total = supervised
+        pruning_loss = getattr(self.student, "pruning_loss", None)  # DynamicViT's kept-fraction ratio loss
+        if pruning_loss is not None and self.training:
+            out["ratio"] = pruning_loss()
+            total = total + cfg["ratio_weight"] * out["ratio"]
         if self.teacher and cfg["distill"] != "none":
             teacher = self.teacher[0]
             with torch.no_grad():
@@ -237,5 +241,5 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
 
     task = Task(module=module, dataset=train_set, collate=collate_classification, losses=losses, payload=payload,
                 load=load, validate=validate, score_key="val_top1" if validate else None, ema_module=student,
-                set_epoch=train_set.set_epoch, make_sampler=make_sampler, loss_keys=("loss", "supervised", "distill"))
+                set_epoch=train_set.set_epoch, make_sampler=make_sampler, loss_keys=("loss", "supervised", "distill", "ratio"))
     return run(task, cfg, world, rank, device, resume)

@@ -109,6 +109,7 @@ CLASSIFY_DEFAULTS: Dict[str, Any] = {
         "distill": "none",  # none | cosine (features, bLViT) | kd (logits, R-MeeTo)
         "distill_weight": 2.5,  # cosine: lambda * (1 - cos); kd: weight of the KL term
         "kd_temperature": 1.0,
+        "ratio_weight": 2.0,  # DynamicViT: weight of the kept-fraction ratio loss (models with pruning_loss())
     },
     "data": {
         "root": "data/synthetic/imagefolder",  # train/<class>/*.JPEG and val/<class>/*.JPEG
