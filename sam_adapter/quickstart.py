@@ -34,7 +34,10 @@ def _train(config: Path, overrides: List[str]) -> Dict[str, Any]:
     from blvit.train.config import load_config
     from blvit.train.sam_trainer import train
 
-    return train(load_config(config, overrides), resume=True)
+    cfg = load_config(config, overrides)
+    # resume only what an earlier run left (a first run would otherwise warn that nothing is there)
+    started = (Path(cfg["output_dir"]) / "checkpoints" / "latest.txt").exists()
+    return train(cfg, resume=started)
 
 
 def demo_overlay(checkpoint: Path, heldout_coco: Path, images_dir: Path, out: Path) -> Dict[str, Any]:
