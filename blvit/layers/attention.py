@@ -44,6 +44,10 @@ def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
 def _compiled_flex_attention() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One static-shape graph per attention shape: a bLViT encoder has up to six (dense, P-block
+    # semi-cross and E-block, each windowed and global) per batch size, more than dynamo's default
+    # of 8 recompiles per function allows; past it, dynamo would quietly run the unfused path.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
