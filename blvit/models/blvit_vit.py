@@ -691,6 +691,28 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# The DeiT layouts the token-reduction baselines (EViT, DynamicViT) are built on.
+DEIT_ARCHS: Dict[str, Dict[str, int]] = {
+    "deit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "deit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+}
+
+
+def create_deit_variant(cls: type, name: str, source: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A DeiT-shaped baseline ``cls`` in the layout of the DeiT model ``source``, through timm's
+    ``build_model_with_cfg``; ``dense_checkpoint=`` a DeiT file of that size (timm state dict or
+    DeiT ``.pth``) initialises every parameter it has (``cls.is_new_parameter`` names the rest)."""
+    dense_checkpoint = kwargs.pop("dense_checkpoint", None)
+    if pretrained:
+        raise ValueError(f"no pretrained weights are published for {name}; pass dense_checkpoint=<{source} .pth>")
+    model = build_model_with_cfg(
+        cls, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **dict(DEIT_ARCHS[source], **kwargs)
+    )
+    if dense_checkpoint is not None:
+        load_dense_checkpoint(model, dense_checkpoint, source)
+    return model
+
+
 def _build(variant: str, **kwargs: Any) -> BigLittleViT:
     return BigLittleViT(make_config(variant, **kwargs))
 

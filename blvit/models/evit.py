@@ -21,11 +21,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from ..blocks import DenseBlock
-from .blvit_vit import ClassTokenViT, _cfg, checkpoint_filter_fn, load_dense_checkpoint
+from .blvit_vit import ClassTokenViT, _cfg, create_deit_variant
 
 __all__ = ["EViT", "EViTBlock", "evit_kept_tokens", "reorganize_tokens"]
 
@@ -210,31 +210,13 @@ default_cfgs = generate_default_cfgs({
     "evit_small_patch16_224": _cfg(),
 })
 
-_DEIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-_DEIT_S = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-
-
-def _create_evit(name: str, arch: dict, source: str, pretrained: bool = False, **kwargs: Any) -> EViT:
-    """``dense_checkpoint=`` a DeiT file of the same size (timm state dict or DeiT ``.pth``);
-    ``checkpoint_path=`` (timm) takes the same files, or a state dict of an EViT."""
-    dense_checkpoint = kwargs.pop("dense_checkpoint", None)
-    if pretrained:
-        raise ValueError(f"no pretrained weights are published for {name}; pass dense_checkpoint=<{source} .pth>")
-    model = build_model_with_cfg(
-        EViT, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **dict(arch, **kwargs)
-    )
-    if dense_checkpoint is not None:
-        load_dense_checkpoint(model, dense_checkpoint, source)
-    return model
-
-
 @register_model
 def evit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EViT:
     """EViT on DeiT-B: keep_rate 0.7 by default (0.6 and others by keyword)."""
-    return _create_evit("evit_base_patch16_224", _DEIT_B, "deit_base_patch16_224", pretrained, **kwargs)
+    return create_deit_variant(EViT, "evit_base_patch16_224", "deit_base_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def evit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EViT:
     """EViT on DeiT-S: keep_rate 0.7 by default."""
-    return _create_evit("evit_small_patch16_224", _DEIT_S, "deit_small_patch16_224", pretrained, **kwargs)
+    return create_deit_variant(EViT, "evit_small_patch16_224", "deit_small_patch16_224", pretrained, **kwargs)
