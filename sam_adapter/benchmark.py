@@ -142,7 +142,7 @@ def expand_backends(names: Sequence[str], backends: Sequence[str]) -> List[str]:
     out: List[str] = []
     for name in names:
         variant = name.partition("@")[0]
-        if "/" in name or variant in DENSE_SOURCE.values() or list(backends) == ["sdpa"]:
+        if "/" in name or variant in DENSE_SOURCE.values():
             out.append(name)
         else:
             out += [name if b == "sdpa" else f"{name}/{b}" for b in backends]
