@@ -42,7 +42,7 @@ import math
 import os
 import sys
 from itertools import chain
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..utils.io import CheckpointError, PathLike, read_checkpoint
+from ..utils.io import CheckpointError, PathLike, check_state_dict, listing, read_checkpoint
 from .selective_scan import BACKENDS, causal_conv1d, count_scan_macs, selective_scan
 
 logger = logging.getLogger(__name__)
@@ -394,14 +394,6 @@ class VisionMamba(nn.Module):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-_MAX_LISTED = 10
-
-
-def _listing(items: Sequence[str]) -> str:
-    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return ", ".join(list(items)[:_MAX_LISTED]) + more
-
-
 def describe_state(state: Mapping[str, Any]) -> str:
     """'embed_dim 192, depth 24, 1000 classes' from a Vim state dict (for error messages)."""
     token = state.get("pos_embed", state.get("cls_token"))
@@ -446,7 +438,7 @@ def select_state_dict(obj: Mapping[str, Any], path: PathLike = "state dict", use
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor: not a state dict "
-                                  f"(top-level keys: {_listing(list(obj))})")
+                                  f"(top-level keys: {listing(obj)})")
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
@@ -502,20 +494,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionMamba, resa
 def _check_state(model: VisionMamba, state: Mapping[str, torch.Tensor], where: str) -> None:
     own = nn.Module.state_dict(model)
     head_dropped = "head.weight" not in state and "head.weight" in own and any(k.startswith("layers.") for k in state)
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not (head_dropped and k.startswith("head."))]
-    if mismatched or unexpected or missing:
-        lines = [f"{where}: not a checkpoint of this Vision Mamba (checkpoint: {describe_state(state)}; "
-                 f"model: {describe_state(own)})"]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-        raise CheckpointError("\n".join(lines))
+    check_state_dict(own, state, where, "Vision Mamba", lambda k: head_dropped and k.startswith("head."),
+                     f" (checkpoint: {describe_state(state)}; model: {describe_state(own)})")
 
 
 def load_vim_checkpoint(model: VisionMamba, path: PathLike, use_ema: bool = False,
