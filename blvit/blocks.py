@@ -5,7 +5,7 @@ segment-anything's ``Block`` (norm1, attn.qkv, attn.proj, attn.rel_pos_*, norm2,
 mlp.lin2), so a big.LITTLE block's P-block is loaded from a SAM checkpoint key for key.
 """
 from functools import partial
-from typing import Callable, Optional, Tuple, Type
+from typing import Any, Callable, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -177,3 +177,19 @@ class BigLittleBlock(DenseBlock):
         p_out = self.mlp(gather_tokens(xn, selection)) * weight
         x = x + self.gamma_e_mlp * self.e_block.mlp(xn)
         return add_to_tokens(x, selection, p_out, inplace=True)
+
+
+def layout_block(config: Any, layer: int, **common: Any) -> nn.Module:
+    """Block ``layer`` of a big.LITTLE layout ``config`` (the SAM encoder's or the classifier's):
+    a ``BigLittleBlock`` in ``config.blvit_layers`` (with an E-block if the layer is in
+    ``config.e_block_layers``), a ``DenseBlock`` elsewhere; ``common`` (dim, heads, ...) goes to both."""
+    if layer not in config.blvit_layers:
+        return DenseBlock(**common)
+    return BigLittleBlock(
+        **common,
+        e_dim=config.e_embed_dim if layer in config.e_block_layers else None,
+        e_num_heads=config.e_num_heads,
+        e_mlp_ratio=config.e_mlp_ratio,
+        gamma_init=config.gamma_init,
+        fusion=config.fusion,
+    )

@@ -1,5 +1,6 @@
 """Checks every big.LITTLE layout shares (the SAM encoder's and the classifier's configs)."""
-from typing import Any, List
+from dataclasses import fields
+from typing import Any, Dict, List, Mapping
 
 from .blocks import FUSIONS
 from .routing import ROUTER_SCORES
@@ -35,3 +36,18 @@ def layout_problems(cfg: Any) -> List[str]:
     if cfg.router_score not in ROUTER_SCORES:
         problems.append(f"router_score {cfg.router_score!r} not one of {ROUTER_SCORES}")
     return problems
+
+
+def variant_config(config_cls: type, variants: Mapping[str, Dict[str, Any]], variant: str, label: str,
+                   overrides: Mapping[str, Any]) -> Any:
+    """``config_cls`` for the named variant with ``overrides`` applied (the SAM encoder's and the
+    classifier's ``make_config``); an unknown variant or key is an error listing the valid ones."""
+    if variant not in variants:
+        raise ValueError(f"unknown {label} variant {variant!r}; known: {sorted(variants)}")
+    keys = [f.name for f in fields(config_cls)]
+    unknown = sorted(set(overrides) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown {label} config key(s) {unknown}; valid keys: {keys}")
+    values = dict(variants[variant], name=variant)
+    values.update(overrides)
+    return config_cls(**values)

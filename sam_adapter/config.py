@@ -1,8 +1,8 @@
 """Configuration of the bLViT-SAM image encoder and the named variants."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from blvit.layout import layout_problems
+from blvit.layout import layout_problems, variant_config
 
 # Fields that change the function but not the parameters: a checkpoint may be used with others.
 RUNTIME_FIELDS = ("keep_ratio", "gamma_init")
@@ -101,17 +101,6 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 DENSE_SOURCE = {"b+t": "vit_b", "h+b": "vit_h", "vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h"}
 
 
-def config_keys() -> Tuple[str, ...]:
-    return tuple(f.name for f in fields(BigLittleSamConfig))
-
-
 def make_config(variant: str = "b+t", **overrides: Any) -> BigLittleSamConfig:
     """The named variant's config with ``overrides`` applied; unknown names are an error."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown bLViT-SAM variant {variant!r}; known: {sorted(VARIANTS)}")
-    unknown = sorted(set(overrides) - set(config_keys()))
-    if unknown:
-        raise ValueError(f"unknown bLViT-SAM config key(s) {unknown}; valid keys: {list(config_keys())}")
-    values = dict(VARIANTS[variant], name=variant)
-    values.update(overrides)
-    return BigLittleSamConfig(**values)
+    return variant_config(BigLittleSamConfig, VARIANTS, variant, "bLViT-SAM", overrides)

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 
-from blvit.blocks import BigLittleBlock, DenseBlock
+from blvit.blocks import layout_block
 from blvit.routing import TokenPredictor, TokenSelection, select_windowed
 
 from .config import BigLittleSamConfig
@@ -51,19 +51,7 @@ class BigLittleImageEncoder(nn.Module):
                 window_size=0 if i in config.global_attn_indexes else config.window_size,
                 grid=grid,
             )
-            if i in config.blvit_layers:
-                has_e = i in config.e_block_layers
-                block = BigLittleBlock(
-                    **common,
-                    e_dim=config.e_embed_dim if has_e else None,
-                    e_num_heads=config.e_num_heads,
-                    e_mlp_ratio=config.e_mlp_ratio,
-                    gamma_init=config.gamma_init,
-                    fusion=config.fusion,
-                )
-            else:
-                block = DenseBlock(**common)
-            self.blocks.append(block)
+            self.blocks.append(layout_block(config, i, **common))
         self.predictors = nn.ModuleDict({str(i): TokenPredictor(config.embed_dim) for i in config.predictor_layers})
         self.neck = nn.Sequential(
             nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),

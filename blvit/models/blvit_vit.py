@@ -26,7 +26,7 @@ timm names (after ``import blvit``): ``blvit_base_tiny_patch16_224`` (B+T) and
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import chain
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
@@ -41,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import flops as _flops  # noqa: F401  (registers the CPU flash-attention FLOP formula)
-from ..blocks import BigLittleBlock, DenseBlock
-from ..layout import layout_problems
+from ..blocks import layout_block
+from ..layout import layout_problems, variant_config
 from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
 from ..utils.io import CheckpointError, PathLike, atomic_save, listing, load_checked, read_checkpoint, unwrap_state_dict
 
@@ -314,20 +314,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 DENSE_SOURCE = {"b+t": "deit_base_patch16_224", "s+t": "deit_small_patch16_224"}
 
 
-def config_keys() -> Tuple[str, ...]:
-    return tuple(f.name for f in fields(BigLittleViTConfig))
-
-
 def make_config(variant: str = "b+t", **overrides: Any) -> BigLittleViTConfig:
     """The named variant's config with ``overrides`` applied; unknown names are an error."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown bLViT classifier variant {variant!r}; known: {sorted(VARIANTS)}")
-    unknown = sorted(set(overrides) - set(config_keys()))
-    if unknown:
-        raise ValueError(f"unknown bLViT classifier config key(s) {unknown}; valid keys: {list(config_keys())}")
-    values = dict(VARIANTS[variant], name=variant)
-    values.update(overrides)
-    return BigLittleViTConfig(**values)
+    return variant_config(BigLittleViTConfig, VARIANTS, variant, "bLViT classifier", overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,23 +339,9 @@ class BigLittleViT(ClassTokenViT):
         # Set True to keep the last forward's selections in ``last_selections`` (plots, tests).
         self.record_selections = False
         self.last_selections: Dict[int, TokenSelection] = {}
-        self.blocks = nn.ModuleList()
-        for i in range(config.depth):
-            common = dict(dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-                          qkv_bias=config.qkv_bias)
-            if i in config.blvit_layers:
-                has_e = i in config.e_block_layers
-                block = BigLittleBlock(
-                    **common,
-                    e_dim=config.e_embed_dim if has_e else None,
-                    e_num_heads=config.e_num_heads,
-                    e_mlp_ratio=config.e_mlp_ratio,
-                    gamma_init=config.gamma_init,
-                    fusion=config.fusion,
-                )
-            else:
-                block = DenseBlock(**common)
-            self.blocks.append(block)
+        common = dict(dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                      qkv_bias=config.qkv_bias)
+        self.blocks = nn.ModuleList(layout_block(config, i, **common) for i in range(config.depth))
         self.predictors = nn.ModuleDict({str(i): TokenPredictor(config.embed_dim) for i in config.predictor_layers})
         self._init_head(config.num_classes, config.drop_rate)
         depth = max(1, config.depth - 1)
