@@ -162,6 +162,20 @@ class ClassTokenViT(nn.Module):
         """Parameters a dense DeiT checkpoint cannot provide."""
         return False
 
+    @staticmethod
+    def checked_image_size(model: str, img_size: Any, patch_size: int, global_pool: str) -> int:
+        """The side of a square input from ``img_size`` (an int, or (H, W) as timm passes
+        ``input_size[-2:]``); errors for other shapes, pooling and patch multiples."""
+        if isinstance(img_size, (tuple, list)):
+            if len(img_size) != 2 or img_size[0] != img_size[1]:
+                raise ValueError(f"{model} takes square images, got img_size={tuple(img_size)}")
+            img_size = img_size[0]
+        if global_pool != "token":
+            raise ValueError(f"only class-token pooling is supported, got global_pool={global_pool!r}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} not a multiple of patch_size {patch_size}")
+        return int(img_size)
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, 1 + N, C): class token first, position embedding added."""
         x = self.patch_embed(x)

@@ -106,20 +106,13 @@ class DynamicViT(ClassTokenViT):
             prune_layers: 0-based layers before which a predictor prunes (DynamicViT: 3, 6, 9).
             gumbel_tau: temperature of the training-time Gumbel-softmax decisions.
         """
-        if isinstance(img_size, (tuple, list)):
-            if len(img_size) != 2 or img_size[0] != img_size[1]:
-                raise ValueError(f"DynamicViT takes square images, got img_size={tuple(img_size)}")
-            img_size = img_size[0]
-        if global_pool != "token":
-            raise ValueError(f"only class-token pooling is supported, got global_pool={global_pool!r}")
+        img_size = self.checked_image_size("DynamicViT", img_size, patch_size, global_pool)
         bad = [i for i in prune_layers if not 0 < i < depth]
         if bad:
             raise ValueError(f"prune_layers {bad} outside 1..{depth - 1}")
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio {keep_ratio} must be in (0, 1]")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} not a multiple of patch_size {patch_size}")
-        super().__init__(int(img_size), patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.keep_ratio = float(keep_ratio)
         self.gumbel_tau = gumbel_tau
         self.prune_layers = tuple(sorted(int(i) for i in prune_layers))

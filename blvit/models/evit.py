@@ -148,18 +148,11 @@ class EViT(ClassTokenViT):
             fuse_token: fuse the inattentive tokens into one (EViT) or drop them.
             drop_path_rate: stochastic depth, rising linearly to this rate at the last layer.
         """
-        if isinstance(img_size, (tuple, list)):  # timm passes input_size[-2:]
-            if len(img_size) != 2 or img_size[0] != img_size[1]:
-                raise ValueError(f"EViT takes square images, got img_size={tuple(img_size)}")
-            img_size = img_size[0]
-        if global_pool != "token":
-            raise ValueError(f"only class-token pooling is supported, got global_pool={global_pool!r}")
+        img_size = self.checked_image_size("EViT", img_size, patch_size, global_pool)
         bad = [i for i in reorganize_layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"reorganize_layers {bad} outside 0..{depth - 1}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} not a multiple of patch_size {patch_size}")
-        super().__init__(int(img_size), patch_size, in_chans, embed_dim)
+        super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.keep_rate = keep_rate
         self.fuse_token = fuse_token
         self.reorganize_layers = tuple(sorted(int(i) for i in reorganize_layers))
