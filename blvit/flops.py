@@ -5,7 +5,7 @@ Counting runs on the ``meta`` device by default: shapes only, no arithmetic, so 
 SDPA to ``_scaled_dot_product_flash_attention_for_cpu``, for which torch ships no formula (it
 would count attention as 0); it is registered here.
 """
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,9 +65,18 @@ def analytic_sam_encoder_macs(config) -> Dict[str, float]:
     return {"total": total, "layers": layers, "patch_embed": patch, "neck": neck, "predictors": predictors}
 
 
+def timm_model_on_meta(name: str, **create_kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **create_kwargs)`` on the meta device (for counting: no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name, **create_kwargs)
+
+
 def module_macs_on_meta(module: nn.Module, input_shape: Tuple[int, ...]) -> int:
-    """Multiply-accumulates of an existing (loaded) ``module``, counted on ``meta`` copies of its
-    parameters and buffers: no arithmetic and no second copy of the weights.
+    """Multiply-accumulates of an existing (loaded) ``module`` in eval mode, counted on ``meta``
+    copies of its parameters and buffers: no arithmetic, no second copy of the weights, and the
+    module (its weights, mode and attention backends) as it was afterwards.
 
     FlexAttention neither runs on ``meta`` nor has a FLOP formula, so attention layers set to the
     ``flex`` backend are counted as the same math through SDPA (bias additions are not MACs)."""
@@ -78,12 +87,15 @@ def module_macs_on_meta(module: nn.Module, input_shape: Tuple[int, ...]) -> int:
     flex = [m for m in module.modules() if isinstance(m, Attention) and m.backend == "flex"]
     tensors = {name: t.to("meta") for name, t in list(module.named_parameters()) + list(module.named_buffers())}
     x = torch.zeros(input_shape, device="meta")
+    was_training = module.training
     try:
+        module.eval()
         for m in flex:
             m.backend = "sdpa"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             functional_call(module, tensors, (x,))
     finally:
+        module.train(was_training)
         for m in flex:
             m.backend = "flex"
     return int(counter.get_total_flops()) // 2

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import sys
-from itertools import chain
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
@@ -50,10 +49,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import module_macs_on_meta, timm_model_on_meta
 from ..utils.io import CheckpointError, PathLike, check_state_dict, listing, read_checkpoint
 from .selective_scan import BACKENDS, causal_conv1d, count_scan_macs, selective_scan
 
@@ -526,27 +524,15 @@ def vim_macs(model: Union[nn.Module, str], img_size: Optional[Union[int, Tuple[i
     Returns {"total", "counted", "scan"}.
     """
     if isinstance(model, str):
-        import timm
-
         if img_size is not None:
             create_kwargs["img_size"] = img_size
-        with torch.device("meta"):
-            model = timm.create_model(model, **create_kwargs)
+        model = timm_model_on_meta(model, **create_kwargs)
     if img_size is None:
         img_size = model.patch_embed.img_size
     size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     in_chans = getattr(model.patch_embed, "in_chans", 3)
-    named = chain(model.named_parameters(), model.named_buffers())
-    tensors = {n: torch.empty_like(t, device="meta") for n, t in named}
-    x = torch.empty(batch, in_chans, *size, device="meta")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), count_scan_macs() as scans, FlopCounterMode(display=False) as counter:
-            functional_call(model, tensors, (x,))
-    finally:
-        model.train(was_training)
-    counted = int(counter.get_total_flops()) // 2
+    with count_scan_macs() as scans:
+        counted = module_macs_on_meta(model, (batch, in_chans, *size))
     return {"total": counted + scans.macs, "counted": counted, "scan": scans.macs}
 
 

@@ -28,7 +28,6 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from functools import partial
-from itertools import chain
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
@@ -36,11 +35,9 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
-from .. import flops as _flops  # noqa: F401  (registers the CPU flash-attention FLOP formula)
+from .. import flops as _flops
 from ..blocks import layout_block
 from ..layout import layout_problems, variant_config
 from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
@@ -634,26 +631,13 @@ def classifier_macs(model: Union[nn.Module, str], img_size: Optional[int] = None
     if isinstance(model, str):
         if img_size is not None:
             create_kwargs["img_size"] = img_size
-        import timm
-
-        with torch.device("meta"):
-            model = timm.create_model(model, **create_kwargs)
+        model = _flops.timm_model_on_meta(model, **create_kwargs)
+    patch_embed = getattr(model, "patch_embed", None)
     if img_size is None:
-        patch_embed = getattr(model, "patch_embed", None)
         size = getattr(patch_embed, "img_size", 224)
         img_size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", 3)
-    named = chain(model.named_parameters(), model.named_buffers())
-    tensors = {n: torch.empty_like(t, device="meta") for n, t in named}
-    x = torch.empty(1, in_chans, img_size, img_size, device="meta")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            functional_call(model, tensors, (x,))
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    in_chans = getattr(patch_embed, "in_chans", 3)
+    return _flops.module_macs_on_meta(model, (1, in_chans, img_size, img_size))
 
 
 # ----------------------------------------------------------------------------------------------
