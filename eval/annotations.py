@@ -176,6 +176,21 @@ def _build(data: Any, kind: Optional[str], source: str) -> AnnotationSet:
     return AnnotationSet(dict(data), kind, source, images, categories, by_image)
 
 
+def read_json(path: PathLike, what: str, error: type) -> Any:
+    """The JSON in ``path``: FileNotFoundError if there is no such file, ``error`` naming the
+    file if it cannot be read or is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({type(err).__name__}: {err})") from err
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err})") from err
+
+
 def load_annotations(path: PathLike, kind: Optional[str] = None) -> AnnotationSet:
     """Read and validate a COCO- or LVIS-format instance file.
 
@@ -189,17 +204,7 @@ def load_annotations(path: PathLike, kind: Optional[str] = None) -> AnnotationSe
             category ids, duplicate ids, LVIS without its federated fields; the message names
             the file and the problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such annotation file")
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from err
-    except OSError as err:
-        raise AnnotationError(f"{path}: cannot be read ({err})") from err
-    return _build(data, kind, str(path))
+    return _build(read_json(path, "annotation file", AnnotationError), kind, str(path))
 
 
 def image_path(image: Mapping[str, Any], images_dir: PathLike, source: str = "annotation file") -> Path:

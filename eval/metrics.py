@@ -7,18 +7,16 @@ it never re-implements the matching or the averaging.
 """
 import contextlib
 import io
-import json
 import logging
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .annotations import AnnotationError, AnnotationSet, _few, _sorted, annotation_rle, load_annotations
+from .annotations import AnnotationError, AnnotationSet, _few, _sorted, annotation_rle, load_annotations, read_json
 
 PathLike = Union[str, os.PathLike]
 
@@ -129,14 +127,7 @@ def summarize_miou(records: Iterable[Mapping[str, Any]]) -> Dict[str, float]:
 def load_results(path: PathLike) -> List[Dict[str, Any]]:
     """Read a COCO results-format JSON: a list of {image_id, category_id, score, segmentation
     and/or bbox}. Raises FileNotFoundError, or ResultsError naming the file and the entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such results file")
-    try:
-        with open(path, "rb") as f:
-            results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ResultsError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from err
+    results = read_json(path, "results file", ResultsError)
     check_results_format(results, str(path))
     return results
 
