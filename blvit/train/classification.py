@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 import blvit  # noqa: F401,I001  (registers this toolkit's timm models)
 from blvit.data.imagenet import ImageFolderDataset, build_transforms, collate_classification, scan_imagefolder
 
-from .loop import Task, dist_info, run, seed_everything
+from .loop import Task, dist_info, run, seed_everything, uses_bf16
 
 logger = logging.getLogger("blvit.train")
 
@@ -198,7 +198,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     world, rank, device = dist_info()
     seed_everything(cfg["seed"])
     t, d = cfg["train"], cfg["data"]
-    amp = (t["amp"] if t["amp"] != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    amp = uses_bf16(t, device)
     student, teacher = build_student_and_teacher(cfg)
     img_size = student.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(student, "pretrained_cfg") else 224
     img_size = int(cfg["model"]["kwargs"].get("img_size", img_size))

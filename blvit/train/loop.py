@@ -28,6 +28,12 @@ from blvit.utils.io import atomic_save, atomic_write_text, read_checkpoint
 logger = logging.getLogger("blvit.train")
 
 
+def uses_bf16(train_cfg: Dict[str, Any], device: torch.device) -> bool:
+    """Whether ``train.amp`` asks for bf16 autocast on ``device`` ("auto": on CUDA only)."""
+    amp = train_cfg["amp"]
+    return (amp if amp != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+
+
 def dist_info() -> Tuple[int, int, torch.device]:
     """(world size, rank, device); joins the process group that torchrun describes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,7 +224,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     out_dir = Path(cfg["output_dir"])
     ckpt_dir = out_dir / "checkpoints"
     accumulate = accumulation_steps(t, world)
-    amp = (t["amp"] if t["amp"] != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    amp = uses_bf16(t, device)
     task.module.to(device)
     model, optimizer, optimizer_name, params = _wrap(task, t, world, device)
     dataset = task.dataset

@@ -20,7 +20,7 @@ from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
 from .losses import distillation_loss, mask_iou, sam_mask_loss
-from .loop import Task, dist_info, run, seed_everything
+from .loop import Task, dist_info, run, seed_everything, uses_bf16
 from .teacher_cache import TeacherEmbeddingCache, build_cache
 
 logger = logging.getLogger("blvit.train")
@@ -170,7 +170,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     world, rank, device = dist_info()
     seed_everything(cfg["seed"])
     t, d = cfg["train"], cfg["data"]
-    amp = (t["amp"] if t["amp"] != "auto" else ("bf16" if device.type == "cuda" else "none")) == "bf16"
+    amp = uses_bf16(t, device)
 
     student, teacher = build_models(cfg)
     student.image_encoder.grad_checkpointing = bool(t["activation_checkpointing"])
