@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -79,7 +79,7 @@ def _signature(args, extra: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def cmd_prompts(args) -> Optional[Dict[str, Any]]:
-    from .sam_eval import PredictionCache, efficiency, merge_caches, prompt_image, run_images
+    from .sam_eval import PredictionCache, prompt_image
     from .vis import draw_prompted
 
     world, rank, device = _dist()
@@ -102,13 +102,10 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
             draw_prompted(args.out.parent / f"{args.out.stem}_vis" / f"{image_id}.png", image, drawn, records)
         return records
 
-    run_images(image_ids[rank::world], anns, Path(args.images), encoder, cache, work, "prompts", rank == 0)
-    eff = efficiency(sam, encoder, device, amp)
-    speeds = _gather([eff["images_per_s"]], world)
-    _barrier(world)
-    if rank != 0:
+    done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache, work, "prompts", device, amp, world, rank)
+    if done is None:
         return None
-    per_object = merge_caches(sorted(cache_dir.glob("rank*.jsonl")))
+    per_object, eff = done
     rows = [{"iou": iou, "area": rec["area"], "click": k + 1}
             for image_id in image_ids for rec in per_object.get(image_id, []) for k, iou in enumerate(rec["iou"])]
     if not rows:
@@ -117,11 +114,28 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
               "prompt": args.prompt, "clicks": clicks,
               "mask_choice": "oracle (best IoU with ground truth)" if args.oracle else "highest predicted IoU",
               "images": len(image_ids), "objects": sum(len(per_object.get(i, [])) for i in image_ids),
-              **summarize_miou(rows), **eff, "images_per_s": _sum_or_none(speeds), "processes": world}
+              **summarize_miou(rows), **eff, "processes": world}
     keys = ["mIoU", "mIoU_small", "mIoU_medium", "mIoU_large"]
     keys += [f"mIoU@{k}click" for k in range(1, clicks + 1)] if clicks > 1 else []
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
     return report
+
+
+def _run_sharded(image_ids: List[int], anns, images_dir, sam, encoder, cache, work, desc: str, device, amp: bool,
+                 world: int, rank: int) -> Optional[Tuple[Dict[int, List[Any]], Dict[str, Any]]]:
+    """Each process runs ``work`` on its stride of the images into its own cache. Rank 0 gets
+    (the records of every image from all the ranks' caches, the encoder's efficiency with
+    images/s summed over the processes); the other ranks get None."""
+    from .sam_eval import efficiency, merge_caches, run_images
+
+    run_images(image_ids[rank::world], anns, Path(images_dir), encoder, cache, work, desc, rank == 0)
+    eff = efficiency(sam, encoder, device, amp)
+    speeds = _gather([eff["images_per_s"]], world)
+    _barrier(world)
+    if rank != 0:
+        return None
+    merged = merge_caches(sorted(cache.path.parent.glob("rank*.jsonl")))
+    return merged, {**eff, "images_per_s": _sum_or_none(speeds)}
 
 
 def _gather(values: List[Optional[float]], world: int) -> List[Optional[float]]:
@@ -139,7 +153,7 @@ def _sum_or_none(values: List[Optional[float]]) -> Optional[float]:
 
 
 def cmd_instances(args) -> Optional[Dict[str, Any]]:
-    from .sam_eval import PredictionCache, check_detections, efficiency, instance_image, merge_caches, run_images
+    from .sam_eval import PredictionCache, check_detections, instance_image
 
     anns = load_annotations(args.annotations, args.dataset)
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"] + (["APr", "APc", "APf"] if (args.dataset or anns.kind) == "lvis" else [])
@@ -168,21 +182,18 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     cache = PredictionCache(cache_dir / f"rank{rank}.jsonl",
                             _signature(args, {"detections": str(Path(args.detections).resolve()), "max_dets": args.max_dets}),
                             args.fresh)
-    run_images(image_ids[rank::world], anns, Path(args.images), encoder, cache,
-               lambda image_id, image: instance_image(encoder, by_image[image_id]), "instances", rank == 0)
-    eff = efficiency(sam, encoder, device, amp)
-    speeds = _gather([eff["images_per_s"]], world)
-    _barrier(world)
-    if rank != 0:
+    done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache,
+                        lambda image_id, image: instance_image(encoder, by_image[image_id]), "instances", device, amp,
+                        world, rank)
+    if done is None:
         return None
-    merged = merge_caches(sorted(cache_dir.glob("rank*.jsonl")))
+    merged, eff = done
     results = [r for image_id in image_ids for r in merged.get(image_id, [])]
     if args.save_predictions:
         atomic_write_text(args.save_predictions, json.dumps(results))
     report = {"task": "instances", **info, "annotations": str(args.annotations), "detections": str(args.detections),
               "dataset": args.dataset or anns.kind, "images": len(image_ids), "results": len(results),
-              **evaluate_instances(anns, results, args.dataset), **eff, "images_per_s": _sum_or_none(speeds),
-              "processes": world}
+              **evaluate_instances(anns, results, args.dataset), **eff, "processes": world}
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
     return report
 
