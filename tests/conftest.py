@@ -59,3 +59,17 @@ def tiny_sam_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)
     return path, sam
+
+
+def interrupted_copy(run_dir: Path, copy_dir: Path, step: int) -> Path:
+    """What a run killed right after checkpoint ``step`` leaves behind: ``run_dir``'s checkpoints
+    up to that step, copied to ``copy_dir``/checkpoints with ``latest.txt`` pointing at it."""
+    import shutil
+
+    ckpts = Path(copy_dir) / "checkpoints"
+    shutil.copytree(Path(run_dir) / "checkpoints", ckpts)
+    for path in ckpts.glob("step_*.pth"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+    (ckpts / "latest.txt").write_text(f"step_{step}.pth")
+    return ckpts

@@ -10,6 +10,7 @@ import torch
 from blvit.data.imagenet import ImageFolderDataset, ImageFolderError, build_transforms, write_imagefolder
 from blvit.train.classification import train
 from blvit.train.config import load_config
+from conftest import interrupted_copy
 from eval.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +67,7 @@ def test_resume_with_augmentation_is_exact(folder, tmp_path):
               "data.cutmix=1.0", "data.val_split=null", "train.batch_size=32", "train.epochs=2", "train.save_every=1",
               "train.keep_last=10", "data.workers=0"]
     train(load_config(QUICK, common + [f"output_dir={tmp_path / 'full'}"]))
-    ckpts = tmp_path / "part" / "checkpoints"
-    shutil.copytree(tmp_path / "full" / "checkpoints", ckpts)
-    for path in ckpts.glob("step_*.pth"):
-        if int(path.stem.split("_")[1]) > 3:
-            path.unlink()
-    (ckpts / "latest.txt").write_text("step_3.pth")
+    ckpts = interrupted_copy(tmp_path / "full", tmp_path / "part", step=3)
     result = train(load_config(QUICK, common + [f"output_dir={tmp_path / 'part'}"]), resume=True)
     assert result["steps"] == 12
     a = torch.load(tmp_path / "full/checkpoints/step_12.pth", weights_only=False)["model"]

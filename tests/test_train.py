@@ -80,15 +80,10 @@ def _run(root, out, *extra):
 def test_resume_gives_the_same_weights(sa1b_root, tmp_path):
     """Roll a finished run back to its step-3 checkpoint (what a process killed after step 3
     leaves behind), resume, and compare with the uninterrupted run's final weights."""
-    import shutil
+    from conftest import interrupted_copy
 
     full = train(_run(sa1b_root, tmp_path / "full", "train.keep_last=10"))
-    ckpts = tmp_path / "part" / "checkpoints"
-    shutil.copytree(tmp_path / "full" / "checkpoints", ckpts)
-    for path in ckpts.glob("step_*.pth"):
-        if int(path.stem.split("_")[1]) > 3:
-            path.unlink()
-    (ckpts / "latest.txt").write_text("step_3.pth")
+    ckpts = interrupted_copy(tmp_path / "full", tmp_path / "part", step=3)
     result = train(_run(sa1b_root, tmp_path / "part", "train.keep_last=2"), resume=True)
     assert result["steps"] == full["steps"] == 8
     a = torch.load(tmp_path / "full/checkpoints/step_8.pth", weights_only=True)["model"]
