@@ -22,8 +22,17 @@ PIXEL_STD = [58.395, 57.12, 57.375]
 
 def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256) -> Sam:
     """A ``Sam`` with segment-anything's own prompt encoder and mask decoder around any
-    encoder that maps (B, 3, S, S) to (B, 256, S/16, S/16) and has an ``img_size``."""
-    grid = image_encoder.img_size // 16
+    encoder that maps (B, 3, S, S) to (B, D, S/p, S/p) and has an ``img_size`` (and, if it is
+    not 16, a ``patch_size`` p). D = ``prompt_embed_dim``.
+
+    At D = 256 the decoder is exactly SAM's (two-way transformer of depth 2, MLP 2048, 8 heads,
+    IoU head 256 wide). A narrower D scales it down in proportion (MLP 8 D, heads of 32 like
+    SAM's, IoU head D wide): the same modules and the same API, for small models such as the
+    quick start's, whose decoder would otherwise cost far more than their encoder.
+    """
+    grid = image_encoder.img_size // getattr(image_encoder, "patch_size", 16)
+    if prompt_embed_dim % 32:
+        raise ValueError(f"prompt_embed_dim (the encoder's out_chans) must be a multiple of 32, got {prompt_embed_dim}")
     return Sam(
         image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
@@ -34,10 +43,11 @@ def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=8 * prompt_embed_dim,
+                                          num_heads=prompt_embed_dim // 32),
             transformer_dim=prompt_embed_dim,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=prompt_embed_dim,
         ),
         pixel_mean=PIXEL_MEAN,
         pixel_std=PIXEL_STD,

@@ -29,6 +29,7 @@ class BigLittleImageEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.img_size = config.img_size  # read by SamPredictor / Sam.preprocess
+        self.patch_size = config.patch_size
         # Set True to keep the last forward's selections in ``last_selections`` (demo, plots).
         self.record_selections = False
         self.last_selections: Dict[int, TokenSelection] = {}

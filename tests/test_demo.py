@@ -110,7 +110,7 @@ def _finetune_on_box(image: np.ndarray, gt: np.ndarray, box: np.ndarray, steps: 
     (["--point", "10"], "expected x,y"),
     (["--point", "10,20,7"], "label must be 1"),
     (["--point", "nan,3"], "not a finite number"),
-    (["--point", "5000,10"], "outside the 512x512 image"),
+    (["--point", "5000,10"], "outside the 320x240 image"),
     (["--point=-1,10"], "outside"),
     (["--box", "100,100,50,200"], "x0 <= x1"),
     (["--box", "10,200,50,100"], "y0 <= y1"),
@@ -163,9 +163,10 @@ def test_cli_without_checkpoint_runs_random_model_loudly(capsys, tmp_path, monke
     err = capsys.readouterr().err
     assert "RANDOMLY INITIALISED" in err and "MEANINGLESS" in err
     assert report["model"]["random"] and report["model"]["img_size"] == 256
-    assert report["image"] == "skimage.data.astronaut()" and (report["width"], report["height"]) == (512, 512)
+    # the default image is the quick start's first held-out image, in its models' domain
+    assert report["image"].startswith("shapes") and (report["width"], report["height"]) == (320, 240)
     saved = json.loads((tmp_path / "m.json").read_text())
-    assert len(saved["masks"]) == 1 and _decode(saved["masks"][0]["segmentation"]).shape == (512, 512)
+    assert len(saved["masks"]) == 1 and _decode(saved["masks"][0]["segmentation"]).shape == (240, 320)
     assert {"encoder_ms", "decoder_ms"} <= set(saved["timing"])
     with Image.open(tmp_path / "o.png") as im:  # image panel + one routing panel per predictor layer (2)
         assert im.size[0] > 2.5 * im.size[1]
@@ -288,7 +289,7 @@ def test_server_page_info_and_prompt(client_app):
     assert page.status_code == 200 and b"app.js" in page.data
     assert client.get("/static/app.js").status_code == 200
     info = client.get("/api/info").get_json()
-    assert info["random"] and info["max_upload_mb"] == 1 and "astronaut" in info["samples"]
+    assert info["random"] and info["max_upload_mb"] == 1 and info["samples"][:2] == ["shapes", "astronaut"]
     up = client.post("/api/image", data={"sample": "astronaut"}).get_json()
     assert (up["width"], up["height"], up["cached"]) == (512, 512, False) and up["encoder_ms"] > 0
     png = client.get(up["url"])

@@ -11,6 +11,7 @@ Layout under ``--out`` (default ``data/synthetic``)::
 """
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,9 +20,12 @@ from .synthetic import write_instances, write_sa1b
 
 # Disjoint image ids: write_* number images seed * 1e6 + i + 1.
 TRAIN_SEED, HELDOUT_SEED, VAL_SEED = 0, 1, 2
+# One default for blvit-synthetic and blvit-quickstart, so that running one after the other
+# reuses the data. 400 images: with 160 the quick-start teacher starts to overfit within its run.
+DEFAULT_TRAIN_IMAGES = 400
 
 
-def ensure_synthetic(out: Path, train: int = 96, val: int = 16, heldout: int = 24, images_per_shard: int = 0,
+def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16, heldout: int = 24, images_per_shard: int = 0,
                      height: int = 240, width: int = 320) -> Dict[str, Any]:
     """Generate the data unless ``out/manifest.json`` says it is already there with these settings."""
     out = Path(out)
@@ -31,6 +35,8 @@ def ensure_synthetic(out: Path, train: int = 96, val: int = 16, heldout: int = 2
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("settings") == settings:
             return manifest
+    for folder in ("sa1b_train", "sa1b_val", "heldout", "imagefolder"):  # no stale samples of other settings
+        shutil.rmtree(out / folder, ignore_errors=True)
     write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard)
     write_sa1b(out / "sa1b_val", val, VAL_SEED, height, width)
     paths = write_instances(out / "heldout", heldout, HELDOUT_SEED, height, width)
@@ -45,7 +51,7 @@ def ensure_synthetic(out: Path, train: int = 96, val: int = 16, heldout: int = 2
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
-    parser.add_argument("--train", type=int, default=96, help="SA-1B training images")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN_IMAGES, help="SA-1B training images")
     parser.add_argument("--val", type=int, default=16, help="SA-1B validation images")
     parser.add_argument("--heldout", type=int, default=24, help="COCO/LVIS held-out images")
     parser.add_argument("--images-per-shard", type=int, default=0, help="> 0: write tar shards instead of files")

@@ -127,10 +127,12 @@ def _read(where: Tuple[str, int, int]) -> bytes:
 class SA1BDataset(torch.utils.data.Dataset):
     """SA-1B samples prepared for SAM training.
 
-    Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy in input
-    coordinates with noise; ``points`` (M, 1, 2) one positive point inside each mask;
+    Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy with noise and
+    ``points`` (M, 1, 2) one positive point inside each mask, both in the input frame exactly as
+    ``SamPredictor`` maps an image's pixel coordinates (``ResizeLongestSide``);
     ``masks`` (M, S/4, S/4) float targets at the mask decoder's resolution; ``valid`` (M,)
-    which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``index``
+    which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``input_hw``
+    (2,) the resized image's size inside the padded input; ``index``
     the sample's position in ``refs`` (for the teacher-embedding cache). Randomness comes from
     (seed, epoch, index), so it does not depend on worker or rank.
     """
@@ -193,6 +195,7 @@ class SA1BDataset(torch.utils.data.Dataset):
     def prepare(self, image: np.ndarray, masks: List[np.ndarray], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         s, m = self.img_size, self.max_masks
         chosen = rng.permutation(len(masks))[:m]
+        original = image.shape[:2]
         resized = self.transform.apply_image(image)
         rh, rw = resized.shape[:2]
         pixels = np.zeros((s, s, 3), np.float32)
@@ -203,16 +206,18 @@ class SA1BDataset(torch.utils.data.Dataset):
         points = np.zeros((m, 1, 2), np.float32)
         valid = np.zeros(m, bool)
         use_box = rng.random(m) < self.box_fraction  # SAM trains on a box or a point, with equal odds
-        scale = s / max(image.shape[:2])
         for slot, j in enumerate(chosen):
             mask = masks[j]
             ys, xs = np.nonzero(mask)
-            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # = COCO's x, y, x + w, y + h
             # box noise as in SAM's training: a fraction of the side, at most 20 px
             noise = np.minimum(self.box_noise * np.array([x1 - x0, y1 - y0] * 2), 20) * rng.standard_normal(4)
-            boxes[slot] = (np.array([x0, y0, x1, y1]) + noise).clip(0, [image.shape[1], image.shape[0]] * 2) * scale
+            box = (np.array([x0, y0, x1, y1]) + noise).clip(0, [image.shape[1], image.shape[0]] * 2)
             k = rng.integers(len(xs))
-            points[slot, 0] = (np.array([xs[k], ys[k]], np.float32) + 0.5) * scale
+            # prompts in the frame SamPredictor gives the prompt encoder: image pixel (x, y) indices
+            # mapped by ResizeLongestSide (the prompt encoder adds the half-pixel itself)
+            boxes[slot] = self.transform.apply_boxes(box[None], original)[0]
+            points[slot, 0] = self.transform.apply_coords(np.array([[xs[k], ys[k]]], np.float32), original)[0]
             full = np.zeros((s, s), np.float32)
             full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
             targets[slot] = full.reshape(low, 4, low, 4).mean(axis=(1, 3)) >= 0.5
@@ -224,6 +229,8 @@ class SA1BDataset(torch.utils.data.Dataset):
             "masks": torch.from_numpy(targets),
             "valid": torch.from_numpy(valid),
             "use_box": torch.from_numpy(use_box),
+            # (h, w) of the resized image inside the padded input: clicks never land on the padding
+            "input_hw": torch.tensor([rh, rw]),
         }
 
 

@@ -7,10 +7,14 @@ object's mask is its visible region. Written exactly as the released data is: ``
 held-out split as COCO and LVIS instance files (category = shape kind).
 """
 import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 import json
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -23,9 +27,9 @@ CATEGORIES = [
 ]
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np.ndarray:
+def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray, flat: bool = False) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    kind = rng.integers(3)
+    kind = 2 if flat else rng.integers(3)
     if kind == 0:  # stripes
         period = rng.uniform(6, 20)
         pattern = 0.5 + 0.5 * np.sin((xx * rng.uniform(-1, 1) + yy) / period * 2 * np.pi)
@@ -57,17 +61,25 @@ def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarr
     return inside
 
 
-def render_image(seed: int, height: int = 240, width: int = 320, max_objects: int = 5) -> Tuple[np.ndarray, List[Dict]]:
-    """One synthetic image (H, W, 3) uint8 and its objects [{mask (H, W) bool, category_id}]."""
+ALL_KINDS = (1, 2, 3)
+
+
+def render_image(seed: int, height: int = 240, width: int = 320, max_objects: int = 5,
+                 kinds: Sequence[int] = ALL_KINDS, flat: bool = False) -> Tuple[np.ndarray, List[Dict]]:
+    """One synthetic image (H, W, 3) uint8 and its objects [{mask (H, W) bool, category_id}].
+    ``kinds``: the shape categories drawn (1 rectangle, 2 ellipse, 3 triangle); ``flat``: plain
+    colours instead of stripes and checkers (an easier task, for short tests)."""
     rng = np.random.default_rng(seed)
-    image = _texture(rng, height, width, rng.uniform(60, 200, 3))
+    image = _texture(rng, height, width, rng.uniform(60, 200, 3), flat)
     objects: List[Dict] = []
     for _ in range(int(rng.integers(2, max_objects + 1))):
         kind = int(rng.integers(1, 4))
+        if kind not in kinds:  # the same random stream as with every kind: the default data never changes
+            kind = int(kinds[(kind - 1) % len(kinds)])
         mask = _shape_mask(rng, kind, height, width)
         if mask.sum() < 50:
             continue
-        image[mask] = _texture(rng, height, width, rng.uniform(0, 255, 3))[mask]
+        image[mask] = _texture(rng, height, width, rng.uniform(0, 255, 3), flat)[mask]
         for obj in objects:  # occlusion: earlier objects lose what the new one covers
             obj["mask"] &= ~mask
         objects.append({"mask": mask, "category_id": kind})
@@ -110,17 +122,37 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _sa1b_sample(image_id: int, height: int, width: int, kinds: Sequence[int], **render: Any) -> Tuple[bytes, bytes]:
+    """(JPEG bytes, SA-1B JSON bytes) of one image; a function of its id (and options) alone."""
+    image, objects = render_image(image_id, height, width, kinds=kinds, **render)
+    return _jpeg(image), json.dumps(sa1b_record(image_id, objects, height, width)).encode()
+
+
+def _rendered(image_ids: Sequence[int], height: int, width: int, kinds: Sequence[int],
+              **render: Any) -> Iterator[Tuple[bytes, bytes]]:
+    """The samples of ``image_ids`` in order, rendered on every core for large counts (each
+    image depends on its id only, so the bytes are the same however they are split)."""
+    job = partial(_sa1b_sample, height=height, width=width, kinds=tuple(kinds), **render)
+    workers = min(os.cpu_count() or 1, 8)
+    if len(image_ids) < 64 or workers < 2:
+        yield from map(job, image_ids)
+        return
+    # fork where there is one: spawned workers would first re-import torch (seconds each)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        yield from pool.map(job, image_ids, chunksize=16)
+
+
 def write_sa1b(root: Path, num_images: int, seed: int = 0, height: int = 240, width: int = 320,
-               images_per_shard: int = 0) -> List[Path]:
+               images_per_shard: int = 0, kinds: Sequence[int] = ALL_KINDS, **render: Any) -> List[Path]:
     """Write ``num_images`` SA-1B samples into ``root`` as files, or as tar shards of
-    ``images_per_shard`` if > 0. Returns the written paths."""
+    ``images_per_shard`` if > 0; ``render``: options of :func:`render_image` (max_objects, flat).
+    Returns the written paths."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     written, tar = [], None
-    for i in range(num_images):
-        image_id = seed * 1_000_000 + i + 1
-        image, objects = render_image(image_id, height, width)
-        jpg, js = _jpeg(image), json.dumps(sa1b_record(image_id, objects, height, width)).encode()
+    image_ids = [seed * 1_000_000 + i + 1 for i in range(num_images)]
+    for i, (image_id, (jpg, js)) in enumerate(zip(image_ids, _rendered(image_ids, height, width, kinds, **render))):
         if images_per_shard <= 0:
             (root / f"sa_{image_id}.jpg").write_bytes(jpg)
             (root / f"sa_{image_id}.json").write_bytes(js)
@@ -140,14 +172,15 @@ def write_sa1b(root: Path, num_images: int, seed: int = 0, height: int = 240, wi
     return written
 
 
-def write_instances(root: Path, num_images: int, seed: int = 1, height: int = 240, width: int = 320) -> Dict[str, Path]:
+def write_instances(root: Path, num_images: int, seed: int = 1, height: int = 240, width: int = 320,
+                    kinds: Sequence[int] = ALL_KINDS, **render: Any) -> Dict[str, Path]:
     """A held-out split: ``images/*.jpg`` plus ``instances_coco.json`` and ``instances_lvis.json``."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i in range(num_images):
         image_id = seed * 1_000_000 + i + 1
-        image, objects = render_image(image_id, height, width)
+        image, objects = render_image(image_id, height, width, kinds=kinds, **render)
         name = f"{image_id:012d}.jpg"
         (root / "images" / name).write_bytes(_jpeg(image))
         images.append({"id": image_id, "file_name": name, "height": height, "width": width,

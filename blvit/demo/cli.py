@@ -2,7 +2,8 @@
 
 Examples::
 
-    blvit-demo --point 260,160                            # the quick-start student on a bundled photo
+    blvit-demo --point 160,120                            # the quick-start student on its held-out shapes
+    blvit-demo --sample astronaut --model vit_b --checkpoint sam_vit_b_01ec64.pth --point 250,130   # a photograph
     blvit-demo --image cat.jpg --box 40,30,300,280 --out overlay.png --json masks.json --routing
     blvit-demo --image cat.jpg --point 120,80 --point 200,90,0      # a positive and a negative click
     blvit-demo --image cat.jpg --everything --points-per-side 8
@@ -25,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .core import (SAMPLE_IMAGES, DemoInputError, check_prompts, has_routing, load_demo_model, mask_record, parse_box,
+from .core import (PHOTO_NOTE, SAMPLE_IMAGES, DemoInputError, check_prompts, has_routing, load_demo_model, mask_record, parse_box,
                    parse_point, predict, routing_maps, sample_image)
 
 PROG = "blvit-demo"
@@ -39,8 +40,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("image and prompts")
-    src.add_argument("--image", type=Path, help="image file (default: a photograph bundled with scikit-image, see --sample)")
-    src.add_argument("--sample", choices=SAMPLE_IMAGES, default="astronaut", help="bundled photograph used without --image")
+    src.add_argument("--image", type=Path, help="image file (default: a bundled image, see --sample)")
+    src.add_argument("--sample", choices=SAMPLE_IMAGES, default="shapes",
+                     help="bundled image used without --image: shapes (the quick start's first held-out image, "
+                          "in its models' synthetic domain) or a photograph from scikit-image, which the quick-start "
+                          "models cannot segment (default: %(default)s)")
     src.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
                      help="a click in image pixels; label 1 positive (default) or 0 negative; repeatable")
     src.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box prompt in image pixels")
@@ -213,7 +217,11 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         result = _prompted(sam, image, coords, labels, box_arr, args)
     maps, titles = routing_maps(sam) if routing else ([], [])
-    report = {"image": str(args.image) if args.image else f"skimage.data.{args.sample}()", "width": width,
+    if args.image is None and args.sample != "shapes" and info.get("source") == "quick-start student":
+        print(PHOTO_NOTE, file=sys.stderr)
+    image_name = str(args.image) if args.image else (
+        "shapes (quick-start held-out image 1)" if args.sample == "shapes" else f"skimage.data.{args.sample}()")
+    report = {"image": image_name, "width": width,
               "height": height, "model": info, "prompts": result["prompts"], "timing": result["timing"],
               "masks": result["records"]}
     out = args.out if args.out is not None or args.json is not None else Path("overlay.png")

@@ -16,7 +16,12 @@ QUICKSTART_RUNS = Path("runs/quickstart")  # the quick start's default --runs, r
 STUDENT_CHECKPOINT = Path("student/checkpoints/best.pth")
 RANDOM_WARNING = ("RANDOMLY INITIALISED model: no --checkpoint and no quick-start checkpoint at {path} "
                   "(run `blvit-quickstart` first, or pass --checkpoint / set {env}); THE MASKS WILL BE MEANINGLESS")
-SAMPLE_IMAGES = ("astronaut", "coffee")
+# "shapes": the first image of the quick start's held-out split (synthetic shapes, rendered on the
+# fly), where the quick-start models are in their domain; the photographs ship with scikit-image.
+SAMPLE_IMAGES = ("shapes", "astronaut", "coffee")
+PHOTO_NOTE = ("note: the quick-start models were trained for minutes on synthetic shapes only; they cannot segment "
+              "a photograph. For photos pass an official SAM file (--checkpoint sam_vit_b_01ec64.pth) or a model "
+              "trained on SA-1B.")
 
 
 class DemoInputError(ValueError):
@@ -156,10 +161,17 @@ def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
     return maps, titles
 
 
-def sample_image(name: str = "astronaut") -> np.ndarray:
-    """A real photograph that ships with scikit-image (no download): astronaut or coffee."""
+def sample_image(name: str = "shapes") -> np.ndarray:
+    """A bundled image, no download: ``shapes`` (the quick start's first held-out image, the
+    synthetic domain its models were trained on) or a photograph that ships with scikit-image
+    (``astronaut``, ``coffee``)."""
     if name not in SAMPLE_IMAGES:
         raise DemoInputError(f"unknown sample image {name!r}; choose one of {', '.join(SAMPLE_IMAGES)}")
+    if name == "shapes":
+        from blvit.data.make_synthetic import HELDOUT_SEED
+        from blvit.data.synthetic import render_image
+
+        return render_image(HELDOUT_SEED * 1_000_000 + 1)[0]
     from skimage import data
 
     return np.ascontiguousarray(getattr(data, name)()[..., :3])

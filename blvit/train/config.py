@@ -68,6 +68,7 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "count": None,
         "max_masks": 8,
         "box_noise": 0.1,
+        "box_fraction": 0.5,  # share of masks whose first prompt is their box (the rest: one point)
         "workers": 2,
         "val_root": None,  # SA-1B-format folder: box-prompt mIoU after every epoch, picks best.pth
         "val_count": 64,  # at most this many validation images
@@ -83,7 +84,15 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "focal_weight": 20.0,
         "dice_weight": 1.0,
         "iou_weight": 1.0,
+        # SAM's interactive training: after the first prompt, this many rounds each add a click
+        # sampled from the error region, then mask-only rounds; all take the previous mask logits
+        "click_rounds": 8,
+        "refine_rounds": 2,
+        # SAM: a single first point is ambiguous and trains the best of the three multimask outputs
+        "multimask_points": True,
         "train_decoder": False,
+        # SAM trains its prompt encoder's learned embeddings too; a distilled student keeps the teacher's
+        "train_prompt_encoder": False,
     },
     "train": TRAIN_DEFAULTS,
 }

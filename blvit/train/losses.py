@@ -46,14 +46,17 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
-                  focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0) -> Dict[str, torch.Tensor]:
+                  focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
+                  reduce: bool = True) -> Dict[str, torch.Tensor]:
     """SAM's loss on multimask output: the best of the K masks by focal:dice, plus MSE of the
     predicted IoU for that mask.
 
     Args:
         logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
+        reduce: False keeps one value per mask (M,) for "mask", "iou" and "mask_iou".
     Returns:
-        {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad)}.
+        {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad),
+        "best": (M,) index of the supervised mask among the K}.
     """
     logits = logits.float()
     target = target[:, None].expand_as(logits)
@@ -62,5 +65,9 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     mask_term = per_mask.gather(1, best).squeeze(1)
     with torch.no_grad():
         actual_iou = mask_iou(logits, target).gather(1, best).squeeze(1)
-    iou_term = F.mse_loss(iou_pred.float().gather(1, best).squeeze(1), actual_iou, reduction="none")
-    return {"mask": mask_term.mean(), "iou": iou_weight * iou_term.mean(), "mask_iou": actual_iou.mean()}
+    iou_term = iou_weight * F.mse_loss(iou_pred.float().gather(1, best).squeeze(1), actual_iou, reduction="none")
+    out = {"mask": mask_term, "iou": iou_term, "mask_iou": actual_iou}
+    if reduce:
+        out = {k: v.mean() for k, v in out.items()}
+    out["best"] = best.squeeze(1)
+    return out

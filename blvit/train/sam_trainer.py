@@ -19,7 +19,8 @@ from blvit.data.sa1b import SA1BDataset, collate_skipping, find_samples, select_
 from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
-from .losses import distillation_loss, mask_iou, sam_mask_loss
+from .losses import distillation_loss, mask_iou
+from .sam_prompts import interactive_losses
 from .loop import Task, dist_info, run, seed_everything, uses_bf16
 from .teacher_cache import TeacherEmbeddingCache, build_cache
 
@@ -79,25 +80,37 @@ class SamTrainingModule(nn.Module):
         self.sam, self.loss_cfg = sam, loss_cfg
 
     def prompt_losses(self, embeddings: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """SAM's interactive prompting (``blvit.train.sam_prompts``): every mask starts from its box
+        or a point, then ``loss.click_rounds`` corrective clicks and ``loss.refine_rounds`` mask-only
+        rounds, each fed the previous round's mask logits and each supervised. The masks of all
+        images that start from the same kind of prompt are decoded together."""
         sam, cfg = self.sam, self.loss_cfg
+        weights = {k: cfg[k] for k in ("focal_weight", "dice_weight", "iou_weight")}
+        valid = batch["valid"]
         # Mean over each image's masks, then over images: the same objective whatever the
         # split of a global batch across processes.
-        terms = {"mask": [], "iou": [], "mask_iou": []}
+        per_mask = 1.0 / (valid.sum(1, keepdim=True).clamp(min=1) * embeddings.shape[0])
+        per_mask = per_mask.expand_as(valid)
+        image_index = torch.arange(embeddings.shape[0], device=valid.device)[:, None].expand_as(valid)
         image_pe = sam.prompt_encoder.get_dense_pe()
-        for i in range(embeddings.shape[0]):
-            count = batch["valid"][i].sum().clamp(min=1)
-            for is_box in (True, False):
-                pick = batch["valid"][i] & (batch["use_box"][i] == is_box)
-                if not bool(pick.any()):
-                    continue
-                # As SAM: a box (two corners) is unambiguous and trains the single-mask output;
-                # one point is ambiguous and trains the best of the three multimask outputs.
-                logits, iou_pred = predict_masks(sam, embeddings[i : i + 1], image_pe, batch, i, pick, is_box)
-                out = sam_mask_loss(logits, iou_pred, batch["masks"][i][pick], cfg["focal_weight"],
-                                    cfg["dice_weight"], cfg["iou_weight"])
-                for k in terms:
-                    terms[k].append(out[k] * pick.sum() / count)
-        return {k: torch.stack(v).sum() / embeddings.shape[0] for k, v in terms.items()}
+        total: Dict[str, torch.Tensor] = {}
+        rounds = []
+        for is_box in (True, False):
+            pick = valid & (batch["use_box"] == is_box)
+            if not bool(pick.any()):
+                continue
+            images = image_index[pick]
+            out = interactive_losses(sam, embeddings[images], image_pe, batch["masks"][pick], batch["input_hw"][images],
+                                     batch["boxes"][pick] if is_box else None, None if is_box else batch["points"][pick],
+                                     int(cfg["click_rounds"]), int(cfg["refine_rounds"]), weights,
+                                     bool(cfg["multimask_points"]))
+            w = per_mask[pick]
+            for k in ("mask", "iou", "mask_iou"):
+                total[k] = total.get(k, 0) + (out[k] * w).sum()
+            rounds.append((out["mask_iou_rounds"] * w).sum(1))
+        rounds_total = torch.stack(rounds).sum(0)
+        total["mask_iou_first"], total["mask_iou_last"] = rounds_total[0], rounds_total[-1]
+        return total
 
     def forward(self, batch: Dict[str, torch.Tensor], teacher_embeddings: Optional[torch.Tensor] = None,
                 teacher_layers: Sequence[torch.Tensor] = ()):
@@ -147,7 +160,7 @@ def build_models(cfg: Dict[str, Any]):
         teacher = teacher_sam.image_encoder.eval().requires_grad_(False)
     elif cfg["task"] != "sam_finetune":
         raise ValueError(f"unknown task {cfg['task']!r}; choose sam_distill or sam_finetune")
-    student.prompt_encoder.requires_grad_(False)
+    student.prompt_encoder.requires_grad_(bool(cfg["loss"]["train_prompt_encoder"]))
     student.mask_decoder.requires_grad_(bool(cfg["loss"]["train_decoder"]))
     return student, teacher
 
@@ -177,7 +190,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     student.train()
     img_size = student.image_encoder.img_size
     refs = select_subset(find_samples(Path(d["root"]), d["shards"], strict), d["fraction"], d["count"], cfg["seed"])
-    dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict)
+    dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"])
     layers = cfg["loss"]["distill_layers"] or []
     layers = cfg["loss"]["distill_layers"] = [layers] if isinstance(layers, int) else list(layers)
     if layers and teacher is None:

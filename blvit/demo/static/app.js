@@ -111,7 +111,7 @@ function uploadFile(file) {
 
 function useSample() {
   const form = new FormData();
-  form.append("sample", $("sample").value || "astronaut");
+  form.append("sample", $("sample").value || "shapes");
   setImage(form, $("sample").value);
 }
 

@@ -1,0 +1,173 @@
+"""The SAM trainer's prompts: the same frame as SamPredictor, and SAM's corrective clicks."""
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from blvit.data.sa1b import SA1BDataset, find_samples
+from blvit.data.synthetic import write_sa1b
+from blvit.train.losses import mask_iou
+from blvit.train.sam_prompts import (NOT_A_POINT, decode_per_prompt, interactive_losses, mask_only_rounds,
+                                     sample_error_clicks)
+from sam_adapter import build_sam_blvit
+
+from conftest import TINY
+
+WEIGHTS = {"focal_weight": 1.0, "dice_weight": 1.0, "iou_weight": 1.0}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sa1b_prompts")
+    write_sa1b(root, 1, seed=7)
+    ref = find_samples(root)[0]
+    ds = SA1BDataset([ref], img_size=256, max_masks=8, box_noise=0.0, seed=0)
+    image, masks = ds.load(ref)
+    item = ds.prepare(image, masks, np.random.default_rng(0))
+    # which mask went to which slot: the one whose low-resolution target matches
+    order = np.random.default_rng(0).permutation(len(masks))[:8]
+    return image, [masks[j] for j in order], item
+
+
+def _capture(module):
+    seen = []
+    handle = module.register_forward_pre_hook(lambda mod, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    return seen, handle
+
+
+def test_trainer_feeds_the_decoder_what_sam_predictor_would(sample):
+    """Image tensor, boxes, points and target masks: the trainer's frame is SamPredictor's."""
+    image, masks, item = sample
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64)
+    predictor = SamPredictor(sam)
+    h, w = image.shape[:2]
+    n = int(item["valid"].sum())
+    assert n >= 2
+
+    seen_image, handle = _capture(sam.image_encoder)
+    predictor.set_image(image)
+    handle.remove()
+    torch.testing.assert_close(seen_image[0][0][0][0], item["image"], atol=1e-5, rtol=0)
+    assert tuple(item["input_hw"].tolist()) == predictor.input_size
+
+    seen, handle = _capture(sam.prompt_encoder)
+    for slot in range(n):
+        ys, xs = np.nonzero(masks[slot])
+        gt_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)  # COCO x, y, x+w, y+h
+        predictor.predict(box=gt_box, multimask_output=False)
+        # the trainer's point is a pixel of the mask; SamPredictor given that pixel sends the same
+        pixel = item["points"][slot, 0].numpy() * max(h, w) / 256
+        assert np.allclose(pixel, np.round(pixel), atol=1e-4)
+        x, y = np.round(pixel).astype(int)
+        assert masks[slot][y, x]
+        predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]), multimask_output=True)
+    predictor_calls = list(seen)
+    seen.clear()
+    with torch.no_grad():
+        embedding = sam.image_encoder(item["image"][None])
+        pe = sam.prompt_encoder.get_dense_pe()
+        for slot in range(n):
+            target = item["masks"][slot : slot + 1]
+            interactive_losses(sam, embedding, pe, target, item["input_hw"], item["boxes"][slot : slot + 1], None, 0, 0, WEIGHTS)
+            interactive_losses(sam, embedding, pe, target, item["input_hw"], None, item["points"][slot : slot + 1], 0, 0, WEIGHTS)
+    handle.remove()
+    assert len(seen) == len(predictor_calls) == 2 * n
+    for (_, trainer), (_, stock) in zip(seen, predictor_calls):
+        assert (trainer["boxes"] is None) == (stock["boxes"] is None)
+        if stock["boxes"] is not None:
+            # SamPredictor sends (1, 1, 4), the trainer (M, 4); the prompt encoder reads both as boxes
+            torch.testing.assert_close(trainer["boxes"].reshape(-1, 4).float(), stock["boxes"].reshape(-1, 4).float(),
+                                       atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(trainer["points"][0].float(), stock["points"][0].float(), atol=1e-4, rtol=0)
+            assert torch.equal(trainer["points"][1].int(), stock["points"][1].int())
+        assert trainer["masks"] is None and stock["masks"] is None
+
+    # targets: the decoder's low-res frame. Turned into logits and through SamPredictor's own
+    # post-processing they give back the object at full resolution, in place.
+    for slot in range(n):
+        logits = item["masks"][slot][None, None] * 20 - 10
+        back = sam.postprocess_masks(logits, predictor.input_size, predictor.original_size)[0, 0].numpy() > 0
+        gt = masks[slot]
+        iou = (back & gt).sum() / (back | gt).sum()
+        centre_gt, centre_back = np.argwhere(gt).mean(0), np.argwhere(back).mean(0)
+        assert np.abs(centre_gt - centre_back).max() < 1.5, (slot, centre_gt, centre_back)
+        if gt.sum() > 2000:
+            assert iou > 0.9, (slot, iou)
+
+
+def test_error_clicks_land_in_the_error_region_with_its_label(sample):
+    """Missed object -> positive clicks on it; spill-over -> negative clicks off it; exact -> no
+    point; never on the padding. Checked in the original image through SamPredictor's scale."""
+    image, masks, item = sample
+    h, w = image.shape[:2]
+    scale = max(h, w) / 256
+    n = int(item["valid"].sum())
+    targets = item["masks"][:n]
+    torch.manual_seed(0)
+    for kind in ("missed", "spilled", "exact"):
+        logits = {"missed": -torch.ones_like(targets), "spilled": torch.ones_like(targets),
+                  "exact": targets * 2 - 1}[kind]
+        hits, total = 0, 0
+        for _ in range(50):
+            coords, labels = sample_error_clicks(logits, targets, item["input_hw"])
+            assert coords.shape == (n, 1, 2) and labels.shape == (n, 1)
+            for slot in range(n):
+                if kind == "exact":
+                    assert labels[slot, 0] == NOT_A_POINT
+                    continue
+                x, y = (coords[slot, 0].numpy() * scale).astype(int)
+                assert 0 <= x < w and 0 <= y < h  # inside the image, never on the padding
+                assert labels[slot, 0] == (1 if kind == "missed" else 0)
+                hits += bool(masks[slot][y, x]) == (kind == "missed")
+                total += 1
+        if total:
+            assert hits / total > 0.9, (kind, hits, total)
+
+
+def test_mask_only_rounds_follow_sam():
+    assert mask_only_rounds(8, 0) == set()
+    for seed in range(5):
+        chosen = mask_only_rounds(8, 2, torch.Generator().manual_seed(seed))
+        assert len(chosen) == 2 and 10 in chosen and all(1 <= r <= 10 for r in chosen)
+
+
+def test_interactive_rounds_add_clicks_and_feed_back_the_mask(sample):
+    _, _, item = sample
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64)
+    seen, handle = _capture(sam.prompt_encoder)
+    n = int(item["valid"].sum())
+    embedding = sam.image_encoder(item["image"][None])
+    out = interactive_losses(sam, embedding, sam.prompt_encoder.get_dense_pe(), item["masks"][:n], item["input_hw"],
+                             None, item["points"][:n], 3, 1, WEIGHTS)
+    handle.remove()
+    assert len(seen) == 5 and out["mask_iou_rounds"].shape == (5, n) and out["mask"].shape == (n,)
+    counts = [kw["points"][0].shape[1] for _, kw in seen]
+    assert counts == [1, 2, 3, 4, 4]  # one click per round, none in the mask-only (last) round
+    assert seen[0][1]["masks"] is None and all(kw["masks"].shape == (n, 1, 64, 64) for _, kw in seen[1:])
+    out["mask"].sum().backward()
+    assert sam.mask_decoder.output_upscaling[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_decoding_prompts_of_several_images_at_once_equals_the_stock_decoder(multimask):
+    """decode_per_prompt on the prompts of two images = segment-anything's MaskDecoder per image."""
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64).eval()
+    with torch.no_grad():
+        embeddings = sam.image_encoder(torch.randn(2, 3, 256, 256))
+        pe = sam.prompt_encoder.get_dense_pe()
+        points = torch.rand(5, 2, 2) * 256
+        labels = torch.tensor([[1, 0], [1, 1], [0, 1], [1, -1], [1, 0]], dtype=torch.int)
+        image_of = torch.tensor([0, 0, 1, 1, 1])
+        masks_in = torch.randn(5, 1, 64, 64)
+        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=masks_in)
+        batched, iou = decode_per_prompt(sam.mask_decoder, embeddings[image_of], pe, sparse, dense, multimask)
+        for image in (0, 1):
+            rows = image_of == image
+            stock, stock_iou = sam.mask_decoder(embeddings[image : image + 1], pe, sparse[rows], dense[rows], multimask)
+            torch.testing.assert_close(batched[rows], stock, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(iou[rows], stock_iou, atol=1e-5, rtol=1e-4)
+    assert batched.shape == (5, 3 if multimask else 1, 64, 64)
