@@ -2,7 +2,7 @@
 
 Examples::
 
-    blvit-demo --point 160,120                            # the quick-start student on its held-out shapes
+    blvit-demo --point 200,150                            # the quick-start student on a held-out shapes image
     blvit-demo --sample astronaut --model vit_b --checkpoint sam_vit_b_01ec64.pth --point 250,130   # a photograph
     blvit-demo --image cat.jpg --box 40,30,300,280 --out overlay.png --json masks.json --routing
     blvit-demo --image cat.jpg --point 120,80 --point 200,90,0      # a positive and a negative click
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("image and prompts")
     src.add_argument("--image", type=Path, help="image file (default: a bundled image, see --sample)")
     src.add_argument("--sample", choices=SAMPLE_IMAGES, default="shapes",
-                     help="bundled image used without --image: shapes (the quick start's first held-out image, "
+                     help="bundled image used without --image: shapes (a held-out image of the quick start, "
                           "in its models' synthetic domain) or a photograph from scikit-image, which the quick-start "
                           "models cannot segment (default: %(default)s)")
     src.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.image is None and args.sample != "shapes" and info.get("source") == "quick-start student":
         print(PHOTO_NOTE, file=sys.stderr)
     image_name = str(args.image) if args.image else (
-        "shapes (quick-start held-out image 1)" if args.sample == "shapes" else f"skimage.data.{args.sample}()")
+        "shapes (quick-start held-out image 000001000002.jpg)" if args.sample == "shapes" else f"skimage.data.{args.sample}()")
     report = {"image": image_name, "width": width,
               "height": height, "model": info, "prompts": result["prompts"], "timing": result["timing"],
               "masks": result["records"]}

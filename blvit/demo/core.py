@@ -16,8 +16,9 @@ QUICKSTART_RUNS = Path("runs/quickstart")  # the quick start's default --runs, r
 STUDENT_CHECKPOINT = Path("student/checkpoints/best.pth")
 RANDOM_WARNING = ("RANDOMLY INITIALISED model: no --checkpoint and no quick-start checkpoint at {path} "
                   "(run `blvit-quickstart` first, or pass --checkpoint / set {env}); THE MASKS WILL BE MEANINGLESS")
-# "shapes": the first image of the quick start's held-out split (synthetic shapes, rendered on the
-# fly), where the quick-start models are in their domain; the photographs ship with scikit-image.
+# "shapes": an image of the quick start's held-out split (synthetic shapes, rendered on the fly:
+# the second, two objects side by side), where the quick-start models are in their domain; the
+# photographs ship with scikit-image.
 SAMPLE_IMAGES = ("shapes", "astronaut", "coffee")
 PHOTO_NOTE = ("note: the quick-start models were trained for minutes on synthetic shapes only; they cannot segment "
               "a photograph. For photos pass an official SAM file (--checkpoint sam_vit_b_01ec64.pth) or a model "
@@ -162,7 +163,7 @@ def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
 
 
 def sample_image(name: str = "shapes") -> np.ndarray:
-    """A bundled image, no download: ``shapes`` (the quick start's first held-out image, the
+    """A bundled image, no download: ``shapes`` (the quick start's second held-out image, the
     synthetic domain its models were trained on) or a photograph that ships with scikit-image
     (``astronaut``, ``coffee``)."""
     if name not in SAMPLE_IMAGES:
@@ -171,7 +172,7 @@ def sample_image(name: str = "shapes") -> np.ndarray:
         from blvit.data.make_synthetic import HELDOUT_SEED
         from blvit.data.synthetic import render_image
 
-        return render_image(HELDOUT_SEED * 1_000_000 + 1)[0]
+        return render_image(HELDOUT_SEED * 1_000_000 + 2)[0]
     from skimage import data
 
     return np.ascontiguousarray(getattr(data, name)()[..., :3])
