@@ -21,30 +21,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from segment_anything.modeling import ImageEncoderViT
 
 from blvit.flops import module_macs_on_meta
 from blvit.layers import ATTENTION_BACKENDS, set_attention_backend
 from blvit.utils.io import atomic_write_text, load_checked
 
-from .build import build_sam_from_config, sam_from_encoder
+from .build import build_sam_from_config, sam_from_encoder, stock_encoder
 from .checkpoint import _is_new_parameter
 from .config import DENSE_SOURCE, make_config
 
 DEFAULT_ENCODERS = ("vit_b", "dense_vit_b", "b+t@0.25", "b+t@0.5", "vit_h", "dense_vit_h", "h+b@0.25", "h+b@0.5")
 # dense bf16 tensor-core peak, TFLOP/s (spec sheets; SXM parts)
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def stock_encoder(family: str, img_size: int) -> ImageEncoderViT:
-    """segment-anything's ``ImageEncoderViT`` of ``family`` (vit_b / vit_l / vit_h) at ``img_size``."""
-    cfg = make_config(family, img_size=img_size)
-    from functools import partial
-
-    return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                           num_heads=cfg.num_heads, mlp_ratio=4.0, out_chans=256, qkv_bias=True,
-                           norm_layer=partial(nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=True,
-                           rel_pos_zero_init=True, window_size=14, global_attn_indexes=cfg.global_attn_indexes)
 
 
 def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[str, nn.Module]:

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from segment_anything import sam_model_registry as stock_registry
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from blvit.utils.io import CheckpointError, PathLike, read_checkpoint, unwrap_state_dict
 
@@ -52,6 +52,16 @@ def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256
         pixel_mean=PIXEL_MEAN,
         pixel_std=PIXEL_STD,
     )
+
+
+def stock_encoder(family: str, img_size: int = 1024) -> ImageEncoderViT:
+    """segment-anything's ``ImageEncoderViT`` of ``family`` (vit_b / vit_l / vit_h) at any
+    ``img_size`` (the stock registry builds 1024 only), random weights."""
+    cfg = make_config(family, img_size=img_size)
+    return ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                           num_heads=cfg.num_heads, mlp_ratio=4.0, out_chans=256, qkv_bias=True,
+                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=True,
+                           rel_pos_zero_init=True, window_size=14, global_attn_indexes=cfg.global_attn_indexes)
 
 
 def build_sam_from_config(config: BigLittleSamConfig) -> Sam:

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from segment_anything import sam_model_registry as stock_registry
 
 from blvit.flops import analytic_sam_encoder_macs, count_macs_on_meta
 
-from .config import DENSE_SOURCE, make_config
+from .build import stock_encoder
+from .config import DENSE_SOURCE, VARIANTS, make_config
 from .image_encoder import BigLittleImageEncoder
 
 
@@ -22,7 +22,7 @@ def flops_rows(variants: Sequence[str] = ("b+t", "h+b"), keep_ratio: float = 0.2
     rows = []
     for variant in variants:
         stock_name = DENSE_SOURCE[variant]
-        stock = count_macs_on_meta(lambda: stock_registry[stock_name]().image_encoder, shape)
+        stock = count_macs_on_meta(lambda: stock_encoder(stock_name, img_size), shape)
         rows.append(dict(encoder=f"SAM {stock_name} (segment_anything)", gmacs=stock / 1e9, analytic_gmacs=None,
                          ratio=1.0))
         dense_cfg = make_config(stock_name, img_size=img_size)
@@ -46,7 +46,8 @@ def markdown_table(rows: List[Dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variants", nargs="+", default=["b+t", "h+b"])
+    parser.add_argument("--variants", nargs="+", default=["b+t", "h+b"], choices=sorted(VARIANTS),
+                        help="bLViT-SAM variants (each next to its dense and stock SAM encoders)")
     parser.add_argument("--keep-ratio", type=float, default=0.25)
     parser.add_argument("--img-size", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")

@@ -111,7 +111,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"), help="synthetic data folder")
     parser.add_argument("--runs", type=Path, default=Path("runs/quickstart"), help="teacher/ and student/ go here")
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="report, overlay, tables")
-    parser.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES, help="synthetic SA-1B training images")
+    parser.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES, help="synthetic SA-1B training images (default: %(default)s)")
     parser.add_argument("--teacher-epochs", type=int, default=9, help="dense teacher: epochs over the training images")
     parser.add_argument("--student-epochs", type=int, default=3, help="bLViT student: epochs of distillation")
     args = parser.parse_args(argv)

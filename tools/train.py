@@ -15,11 +15,15 @@ from blvit.train.config import ConfigError, load_config  # noqa: E402
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML recipe (configs/sam/*.yaml, configs/imagenet/*.yaml, configs/vim/*.yaml)")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="YAML recipe (configs/sam/*.yaml, configs/imagenet/*.yaml, configs/vim/*.yaml); required: "
+                             "without one the defaults would train a full-size b+t from a random teacher")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest.txt")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.root=/data/sa1b")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # options may come after the overrides too
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -37,6 +41,8 @@ def main(argv=None) -> dict:
     try:
         summary = train(cfg, resume=args.resume, strict=args.strict)
     except (FileNotFoundError, SampleError, ImageFolderError, CheckpointError, ConfigError) as err:
+        parser.exit(2, f"error: {err}\n")
+    except ValueError as err:  # a bad setting found while building the model or data (e.g. model.keep_ratio=0)
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(summary, indent=2))
     return summary

@@ -51,7 +51,7 @@ def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
-    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN_IMAGES, help="SA-1B training images")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN_IMAGES, help="SA-1B training images (default: %(default)s)")
     parser.add_argument("--val", type=int, default=16, help="SA-1B validation images")
     parser.add_argument("--heldout", type=int, default=24, help="COCO/LVIS held-out images")
     parser.add_argument("--images-per-shard", type=int, default=0, help="> 0: write tar shards instead of files")

@@ -170,7 +170,12 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    value: Any = read_yaml(raw) if raw else None
+    try:
+        value: Any = read_yaml(raw) if raw else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"{key}='\"{raw}\"', or fix the brackets") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -200,4 +205,19 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> D
     _merge(config, loaded, "", free)
     for update in updates:
         _merge(config, update, "", free)
+    check_train(config["train"])
     return config
+
+
+def check_train(t: Dict[str, Any]) -> None:
+    """The optimisation settings every task needs to be meaningful (ConfigError otherwise)."""
+    positive = {"batch_size": t["batch_size"], "accumulate": t["accumulate"]}
+    if t["max_steps"] is not None:
+        positive["max_steps"] = t["max_steps"]
+    if t["max_steps"] is None or t["epochs"] is not None:
+        positive["epochs"] = t["epochs"]
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"train.{key} must be a whole number of at least 1, got {value!r}")
+    if t["global_batch"] is not None and (not isinstance(t["global_batch"], int) or t["global_batch"] < 1):
+        raise ConfigError(f"train.global_batch must be a whole number of at least 1 (or null), got {t['global_batch']!r}")
