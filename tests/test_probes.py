@@ -64,3 +64,16 @@ def test_probe_14_bad_yaml_override_and_options_after_overrides():
     # an option after the overrides is read as an option (here --strict with a missing data folder)
     out = _run("tools/train.py", "--config", str(QUICK), "data.root=/nonexistent", "--strict")
     assert out.returncode == 2 and "SA-1B data folder not found" in out.stderr
+
+
+def test_probe_02_quickstart_config_on_another_folder_trains_without_validation(tmp_path, caplog):
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.sam_trainer import train
+
+    write_sa1b(tmp_path / "mine", 4, seed=3)
+    cfg = load_config(QUICK, [f"data.root={tmp_path / 'mine'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                              f"data.val_root={tmp_path / 'no_such_val'}"])
+    with caplog.at_level("WARNING"):
+        summary = train(cfg)
+    assert "training WITHOUT validation" in caplog.text and "no_such_val" in caplog.text
+    assert summary["steps"] == 1 and Path(summary["best_checkpoint"]).exists() and "validation" not in summary

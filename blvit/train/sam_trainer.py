@@ -210,7 +210,12 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
             dataset = TeacherEmbeddingCache(dataset, Path(cfg["teacher"]["cache_dir"]))
             teacher = None  # the embeddings now come with each batch
     validate: Optional[Callable[[], Dict[str, float]]] = None
-    if d["val_root"]:
+    if d["val_root"] and not Path(d["val_root"]).is_dir():
+        # e.g. configs/sam/quickstart.yaml pointed at another data.root: train anyway, and say so
+        logger.warning("data.val_root %s is not a folder: training WITHOUT validation (best.pth by training loss); "
+                       "set data.val_root to an SA-1B-format folder, or data.val_root=null to silence this",
+                       d["val_root"])
+    elif d["val_root"]:
         validate = partial(evaluate_box_miou, student, _validation_set(cfg, img_size, strict), device, amp, rank, world)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
