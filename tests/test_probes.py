@@ -77,3 +77,17 @@ def test_probe_02_quickstart_config_on_another_folder_trains_without_validation(
         summary = train(cfg)
     assert "training WITHOUT validation" in caplog.text and "no_such_val" in caplog.text
     assert summary["steps"] == 1 and Path(summary["best_checkpoint"]).exists() and "validation" not in summary
+
+
+def test_probe_12_a_folder_of_bad_samples_stops_with_a_clear_error(tmp_path):
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.sam_trainer import train
+
+    write_sa1b(tmp_path / "bad", 4, seed=3)
+    for jpg in (tmp_path / "bad").glob("*.jpg"):
+        jpg.write_bytes(b"")
+    cfg = load_config(QUICK, [f"data.root={tmp_path / 'bad'}", f"output_dir={tmp_path / 'run'}", "train.epochs=1",
+                              "data.val_root=null"])
+    with pytest.warns(UserWarning, match="corrupt or unreadable image"):
+        with pytest.raises(ValueError, match=r"bad: no usable samples: every sample of epoch 0 was skipped \(4 skipped"):
+            train(cfg)

@@ -313,11 +313,13 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         loader = DataLoader(Subset(dataset, indices), batch_size=t["batch_size"], shuffle=False,
                             num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
                             pin_memory=device.type == "cuda")
+        usable_batches = 0
         for batch in loader:
             skipped_total += int(batch.pop("skipped", 0))
             state["batch_in_epoch"] += 1
             if not batch:  # every sample of this batch was bad
                 continue
+            usable_batches += 1
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 losses = task.losses(model, batch)
@@ -355,6 +357,9 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                 done = True
                 break
         else:
+            if usable_batches == 0 and indices:  # only optimizer steps end the run: it would loop forever
+                raise ValueError(f"{cfg.get('data', {}).get('root')}: no usable samples: every sample of epoch {epoch} "
+                                 f"was skipped ({skipped_total} skipped; the warnings above name the files)")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
         validate_and_save(last_loss)
