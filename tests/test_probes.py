@@ -91,3 +91,17 @@ def test_probe_12_a_folder_of_bad_samples_stops_with_a_clear_error(tmp_path):
     with pytest.warns(UserWarning, match="corrupt or unreadable image"):
         with pytest.raises(ValueError, match=r"bad: no usable samples: every sample of epoch 0 was skipped \(4 skipped"):
             train(cfg)
+
+
+def test_probe_15_damaged_teacher_cache_entry_is_named(tmp_path):
+    from blvit.data.sa1b import SA1BDataset, find_samples
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.teacher_cache import TeacherEmbeddingCache, entry_name
+
+    write_sa1b(tmp_path / "data", 1, seed=3)
+    dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=256, max_masks=2)
+    (tmp_path / "cache").mkdir()
+    entry = tmp_path / "cache" / entry_name(dataset.refs[0].name)
+    entry.write_bytes(b"\x80\x04 not a tensor file")
+    with pytest.raises(ValueError, match=rf"{entry}: damaged teacher embedding of .*delete .*cache to rebuild"):
+        TeacherEmbeddingCache(dataset, tmp_path / "cache")[0]

@@ -9,6 +9,7 @@ refused rather than silently used.
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -50,6 +51,10 @@ class TeacherEmbeddingCache(Dataset):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{path}: teacher embedding of {self.dataset.refs[index].name} missing; "
                                     f"delete {self.cache_dir} to rebuild the cache") from err
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: damaged teacher embedding of {self.dataset.refs[index].name} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
+                             f"delete {self.cache_dir} to rebuild the cache") from err
         return item
 
 
