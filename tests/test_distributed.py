@@ -43,5 +43,6 @@ def test_two_process_training_matches_one_process(tmp_path, optimizer):
     # the checkpoint of the sharded run holds the whole (consolidated) optimiser state
     import torch
 
-    state = torch.load(tmp_path / "two/checkpoints/best.pth", weights_only=False)["train_state"]["optimizer"]
+    latest = (tmp_path / "two/checkpoints/latest.txt").read_text().strip()
+    state = torch.load(tmp_path / "two/checkpoints" / latest, weights_only=False)["train_state"]["optimizer"]
     assert len(state["state"]) > 0

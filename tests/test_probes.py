@@ -105,3 +105,24 @@ def test_probe_15_damaged_teacher_cache_entry_is_named(tmp_path):
     entry.write_bytes(b"\x80\x04 not a tensor file")
     with pytest.raises(ValueError, match=rf"{entry}: damaged teacher embedding of .*delete .*cache to rebuild"):
         TeacherEmbeddingCache(dataset, tmp_path / "cache")[0]
+
+
+def test_probe_06_best_checkpoint_holds_weights_and_config_only(tmp_path):
+    import torch
+
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.sam_trainer import train
+
+    write_sa1b(tmp_path / "data", 4, seed=3)
+    cfg = load_config(QUICK, [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                              "data.val_root=null", "train.save_every=1"])
+    summary = train(cfg)
+    ckpts = tmp_path / "run/checkpoints"
+    best = torch.load(ckpts / "best.pth", weights_only=False)
+    assert set(best) == {"format", "version", "config", "model", "best"} and best["best"]["step"] >= 1
+    step = torch.load(ckpts / (ckpts / "latest.txt").read_text().strip(), weights_only=False)
+    assert "optimizer" in step["train_state"]  # the resume state stays in the step checkpoints
+    assert (ckpts / "best.pth").stat().st_size < 0.7 * (ckpts / "step_2.pth").stat().st_size  # no optimizer state
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    build_sam_from_checkpoint(summary["best_checkpoint"])  # what eval and the demo read
