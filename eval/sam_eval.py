@@ -97,6 +97,8 @@ def read_image(path: Path) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from err
+    except Image.DecompressionBombError as err:  # a small file that would decode to gigabytes
+        raise ValueError(f"{path}: image refused, too many pixels ({err})") from err
 
 
 class PredictionCache:

@@ -126,3 +126,45 @@ def test_probe_06_best_checkpoint_holds_weights_and_config_only(tmp_path):
     from sam_adapter.build import build_sam_from_checkpoint
 
     build_sam_from_checkpoint(summary["best_checkpoint"])  # what eval and the demo read
+
+
+def test_probe_04_bad_annotation_entries_and_pixel_bombs_are_skipped_with_the_file(tmp_path, monkeypatch):
+    import json
+    import warnings
+
+    from PIL import Image
+
+    from blvit.data.sa1b import SA1BDataset, SampleError, find_samples
+    from blvit.data.synthetic import write_sa1b
+
+    write_sa1b(tmp_path, 2, seed=3)
+    first, second = sorted(tmp_path.glob("sa_*.json"))
+    record = json.loads(first.read_text())
+    record["annotations"] = ["oops"]
+    first.write_text(json.dumps(record))
+    dataset = SA1BDataset(find_samples(tmp_path), img_size=256, max_masks=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dataset[0] is None and dataset[1] is not None
+    assert f"{first.with_suffix('.jpg')}: annotation 0 is not an object ('oops')" in str(caught[0].message)
+    # a decompression bomb: PIL refuses images above twice its pixel limit (lowered here)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dataset[1] is None
+    assert any(f"{second.with_suffix('.jpg')}: image refused, too many pixels" in str(w.message) for w in caught)
+    with pytest.raises(SampleError, match="too many pixels"):
+        SA1BDataset(find_samples(tmp_path), img_size=256, strict=True)[1]
+
+
+def test_probe_13_pixel_bomb_in_eval_and_demo_is_one_clear_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from blvit.data.synthetic import render_image
+    from eval.sam_eval import read_image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(render_image(1)[0]).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=f"{path}: image refused, too many pixels"):
+        read_image(path)

@@ -155,6 +155,8 @@ class SA1BDataset(torch.utils.data.Dataset):
             image = np.asarray(Image.open(io.BytesIO(_read(ref.image))).convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise SampleError(f"{ref.name}: corrupt or unreadable image ({err})") from err
+        except Image.DecompressionBombError as err:  # a few hundred kB that decode to gigabytes
+            raise SampleError(f"{ref.name}: image refused, too many pixels ({err})") from err
         try:
             record = json.loads(_read(ref.annotation))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -163,7 +165,11 @@ class SA1BDataset(torch.utils.data.Dataset):
             raise SampleError(f"{ref.name}: annotation JSON has no 'annotations' list")
         h, w = image.shape[:2]
         masks = []
-        for ann in record["annotations"]:
+        if not isinstance(record["annotations"], list):
+            raise SampleError(f"{ref.name}: 'annotations' is not a list")
+        for position, ann in enumerate(record["annotations"]):
+            if not isinstance(ann, dict):
+                raise SampleError(f"{ref.name}: annotation {position} is not an object ({ann!r:.40})")
             seg = ann.get("segmentation")
             if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
                 raise SampleError(f"{ref.name}: annotation {ann.get('id')} has no COCO RLE segmentation")
