@@ -13,6 +13,7 @@ Under ``torchrun`` the images are split across processes and rank 0 writes the r
 Per-image results are cached next to the report (REPORT.cache/), so a rerun resumes.
 """
 import argparse
+import functools
 import json
 import logging
 import math
@@ -221,12 +222,22 @@ def cmd_imagenet(args) -> Dict[str, Any]:
     return report
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """argparse's help, plus "(default: X)" for options whose default is a value (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _common_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="vit_b|vit_l|vit_h (stock SAM), dense_vit_b|_l|_h, b+t, h+b")
     p.add_argument("--checkpoint", help="official SAM .pth, or a checkpoint of this toolkit")
     p.add_argument("--keep-ratio", type=float, help="override a bLViT model's keep ratio")
     p.add_argument("--attn-backend", choices=ATTENTION_BACKENDS,
-                   help="how this toolkit's encoders add the relative-position bias (default sdpa; speed: blvit-bench)")
+                   help="how this toolkit's encoders add the relative-position bias (default: sdpa; speed: blvit-bench)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--fresh", action="store_true", help="discard cached predictions of an earlier run")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
@@ -236,45 +247,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blvit-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    # every option with a help text shows its default (where it has one)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
     p = sub.add_parser("prompts", help="mIoU from simulated clicks or ground-truth boxes")
-    p.add_argument("--annotations", type=Path, required=True)
-    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--annotations", type=Path, required=True, help="COCO or LVIS instance annotations (JSON)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="image folder (images found by file_name, or by coco_url's file name for LVIS)")
     p.add_argument("--dataset", choices=["coco", "lvis"], help="default: detected from the file")
-    p.add_argument("--prompt", choices=["point", "box"], default="point")
-    p.add_argument("--clicks", type=int, default=1)
+    p.add_argument("--prompt", choices=["point", "box"], default="point",
+                   help="point: RITM-style simulated clicks; box: the ground-truth box")
+    p.add_argument("--clicks", type=int, default=1, help="--prompt point: clicks per object (mIoU reported for each)")
     p.add_argument("--oracle", action="store_true", help="choose the multimask output with the best IoU against ground truth")
     p.add_argument("--vis", type=int, default=0, help="draw this many images")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and a cache go beside it)")
     _common_model_args(p, required=True)
     p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("instances", help="instance-segmentation AP (COCOeval / LVISEval)")
-    p.add_argument("--annotations", type=Path, required=True)
-    p.add_argument("--images", type=Path)
+    p.add_argument("--annotations", type=Path, required=True, help="COCO or LVIS instance annotations (JSON)")
+    p.add_argument("--images", type=Path, help="image folder (needed with --detections)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--detections", type=Path, help="COCO results-format boxes (e.g. ViTDet-H) used as prompts")
     group.add_argument("--predictions", type=Path, help="COCO results-format masks to score as they are")
-    p.add_argument("--dataset", choices=["coco", "lvis"])
+    p.add_argument("--dataset", choices=["coco", "lvis"], help="evaluator (default: detected from the file)")
     p.add_argument("--max-dets", type=int, default=300, help="highest-scoring boxes kept per image")
     p.add_argument("--save-predictions", type=Path, help="also write the predicted masks (results format)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and a cache go beside it)")
     _common_model_args(p, required=False)
     p.set_defaults(func=cmd_instances)
 
     p = sub.add_parser("imagenet", help="top-1/top-5, FLOPs and images/s of classifiers, side by side")
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root with val/<wnid>/*.JPEG")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
     p.add_argument("--model", action="append", required=True,
                    help="NAME[:CHECKPOINT], repeatable, e.g. deit_base_patch16_224:deit_base.pth "
                         "evit_base_patch16_224 blvit_base_tiny_patch16_224:runs/bt/checkpoints/best.pth")
     p.add_argument("--dense-checkpoint", help="DeiT file for bLViT/EViT models given without a checkpoint")
     p.add_argument("--model-kwargs", help="JSON of timm.create_model arguments for every model, e.g. '{\"keep_ratio\": 0.5}'")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--fp32", action="store_true")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--img-size", type=int, help="input size (default: each model's own)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table goes beside it)")
     p.set_defaults(func=cmd_imagenet)
     return parser
 

@@ -168,3 +168,31 @@ def test_probe_13_pixel_bomb_in_eval_and_demo_is_one_clear_error(tmp_path, monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match=f"{path}: image refused, too many pixels"):
         read_image(path)
+
+
+def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
+    import argparse
+
+    from blvit.demo.core import load_demo_model
+    from eval.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)  # every option says what it does
+    prompts = subparsers.choices["prompts"].format_help()
+    assert "(default: point)" in " ".join(prompts.split()) and "(default: 1)" in prompts
+    # a dense checkpoint of this toolkit is reported as dense_vit_b, not as segment-anything's vit_b
+    import torch
+
+    from sam_adapter import build_sam_blvit
+    from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION
+
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=256, embed_dim=64, depth=2, num_heads=4,
+                          global_attn_indexes=(1,), out_chans=64)
+    path = tmp_path / "dense.pth"
+    torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": sam.image_encoder.config.to_dict(),
+                "model": sam.state_dict()}, path)
+    _, info = load_demo_model(checkpoint=str(path))
+    assert info["model"] == "dense_vit_b" and info["dense"]

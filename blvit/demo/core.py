@@ -119,7 +119,9 @@ def load_demo_model(model: Optional[str] = None, checkpoint: Optional[str] = Non
 
         sam = build_sam_from_checkpoint(checkpoint, keep_ratio)
         config = sam.image_encoder.config
-        info = {"model": config.name, "layout": config.name, "dense": bool(config.is_dense)}
+        # a dense checkpoint of this toolkit is the --model dense_* encoder, not segment-anything's vit_*
+        name = f"dense_{config.name}" if config.is_dense and not config.name.startswith("dense_") else config.name
+        info = {"model": name, "layout": config.name, "dense": bool(config.is_dense)}
     else:
         stock = _stock_type(state)
         if stock is None:
