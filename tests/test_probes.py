@@ -196,3 +196,40 @@ def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
                 "model": sam.state_dict()}, path)
     _, info = load_demo_model(checkpoint=str(path))
     assert info["model"] == "dense_vit_b" and info["dense"]
+
+
+def test_probe_05_stale_temp_files_ctrl_c_and_redone_steps(tmp_path, monkeypatch):
+    import json
+
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train import sam_trainer
+    from blvit.train.sam_trainer import train
+
+    write_sa1b(tmp_path / "data", 8, seed=3)
+    common = [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "data.val_root=null",
+              "train.batch_size=2", "train.epochs=2"]
+    ckpts = tmp_path / "run/checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".step_1.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-save leaves
+    forward = sam_trainer.SamTrainingModule.forward
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(sam_trainer.SamTrainingModule, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(QUICK, common))
+    assert not list(ckpts.glob(".*.tmp"))
+    assert (ckpts / "latest.txt").read_text() == "step_3.pth" and (ckpts / "step_3.pth").exists()
+    monkeypatch.setattr(sam_trainer.SamTrainingModule, "forward", forward)
+    summary = train(load_config(QUICK, common), resume=True)
+    assert summary["steps"] == 8
+    # resuming from an older checkpoint redoes steps 5-8: their first records are replaced, not repeated
+    (ckpts / "latest.txt").write_text("step_4.pth")
+    train(load_config(QUICK, common), resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), steps

@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
         parser.exit(2, f"error: {err}\n")
     except ValueError as err:  # a bad setting found while building the model or data (e.g. model.keep_ratio=0)
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # the loop saved a checkpoint and logged where
+        parser.exit(130, "interrupted; continue with --resume (same --config and overrides)\n")
     print(json.dumps(summary, indent=2))
     return summary
 

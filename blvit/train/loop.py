@@ -286,6 +286,15 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # temporary files of saves that a kill interrupted (only this run writes here)
+        for stale in ckpt_dir.glob(".*.tmp") if ckpt_dir.is_dir() else ():
+            logger.info("removing %s, left by an interrupted save", stale)
+            stale.unlink()
+        # a resumed run redoes the steps after its checkpoint: their old records go
+        metrics_path = out_dir / "metrics.jsonl"
+        if metrics_path.exists():
+            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= state["step"]]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     log = MetricsLog(out_dir, bool(t["tensorboard"]), rank)
 
     def validate_and_save(train_loss: float) -> None:
@@ -301,68 +310,84 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="train")
     skipped_total, window, last_loss = 0, [], float("inf")
     done = state["step"] >= total_steps
-    while not done:
-        epoch = state["epoch"]
-        if task.set_epoch is not None:
-            task.set_epoch(epoch)
-        sampler = make_sampler(dataset, world, rank, cfg["seed"])
-        sampler.set_epoch(epoch)
-        # the epoch's order is a pure function of (seed, epoch): a resumed run skips what it did
-        indices = list(sampler)[: batches_per_epoch * t["batch_size"]]
-        indices = indices[state["batch_in_epoch"] * t["batch_size"]:]
-        loader = DataLoader(Subset(dataset, indices), batch_size=t["batch_size"], shuffle=False,
-                            num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
-                            pin_memory=device.type == "cuda")
-        usable_batches = 0
-        for batch in loader:
-            skipped_total += int(batch.pop("skipped", 0))
-            state["batch_in_epoch"] += 1
-            if not batch:  # every sample of this batch was bad
-                continue
-            usable_batches += 1
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                losses = task.losses(model, batch)
-            (losses["loss"] / accumulate).backward()
-            window.append({k: float(v.detach()) for k, v in losses.items()})
-            if state["batch_in_epoch"] % accumulate:
-                continue
-            if t["grad_clip"]:
-                if hasattr(optimizer, "clip_grad_norm"):
-                    optimizer.clip_grad_norm(t["grad_clip"])
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
-            optimizer.step()
-            # ShardedDataParallel reduces gradients through flat buckets that the .grad tensors
-            # are views of; setting them to None would detach the views and reduce stale buckets.
-            model.zero_grad(set_to_none=optimizer_name != "oss")
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(ema_target)
-            state["step"] += 1
-            record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            if world > 1:  # log the global-batch mean, not rank 0's share
-                values = torch.tensor(list(record.values()), dtype=torch.float64, device=device)
-                torch_dist.all_reduce(values)
-                record = dict(zip(record, (values / world).tolist()))
-            record.update(step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0], skipped=skipped_total)
-            window, last_loss = [], record["loss"]
-            log.write(record)
-            if rank == 0:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if t["save_every"] and state["step"] % t["save_every"] == 0:
-                save(f"step_{state['step']}")
-            if state["step"] >= total_steps:
-                done = True
-                break
-        else:
-            if usable_batches == 0 and indices:  # only optimizer steps end the run: it would loop forever
-                raise ValueError(f"{cfg.get('data', {}).get('root')}: no usable samples: every sample of epoch {epoch} "
-                                 f"was skipped ({skipped_total} skipped; the warnings above name the files)")
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-        validate_and_save(last_loss)
+    completed = (state["epoch"], state["batch_in_epoch"])  # where the last optimizer step left the epoch
+    try:
+        while not done:
+            epoch = state["epoch"]
+            if task.set_epoch is not None:
+                task.set_epoch(epoch)
+            sampler = make_sampler(dataset, world, rank, cfg["seed"])
+            sampler.set_epoch(epoch)
+            # the epoch's order is a pure function of (seed, epoch): a resumed run skips what it did
+            indices = list(sampler)[: batches_per_epoch * t["batch_size"]]
+            indices = indices[state["batch_in_epoch"] * t["batch_size"]:]
+            loader = DataLoader(Subset(dataset, indices), batch_size=t["batch_size"], shuffle=False,
+                                num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
+                                pin_memory=device.type == "cuda")
+            usable_batches = 0
+            for batch in loader:
+                skipped_total += int(batch.pop("skipped", 0))
+                state["batch_in_epoch"] += 1
+                if not batch:  # every sample of this batch was bad
+                    continue
+                usable_batches += 1
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    losses = task.losses(model, batch)
+                (losses["loss"] / accumulate).backward()
+                window.append({k: float(v.detach()) for k, v in losses.items()})
+                if state["batch_in_epoch"] % accumulate:
+                    continue
+                if t["grad_clip"]:
+                    if hasattr(optimizer, "clip_grad_norm"):
+                        optimizer.clip_grad_norm(t["grad_clip"])
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+                optimizer.step()
+                # ShardedDataParallel reduces gradients through flat buckets that the .grad tensors
+                # are views of; setting them to None would detach the views and reduce stale buckets.
+                model.zero_grad(set_to_none=optimizer_name != "oss")
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(ema_target)
+                state["step"] += 1
+                completed = (state["epoch"], state["batch_in_epoch"])
+                record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                if world > 1:  # log the global-batch mean, not rank 0's share
+                    values = torch.tensor(list(record.values()), dtype=torch.float64, device=device)
+                    torch_dist.all_reduce(values)
+                    record = dict(zip(record, (values / world).tolist()))
+                record.update(step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0], skipped=skipped_total)
+                window, last_loss = [], record["loss"]
+                log.write(record)
+                if rank == 0:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if t["save_every"] and state["step"] % t["save_every"] == 0:
+                    save(f"step_{state['step']}")
+                if state["step"] >= total_steps:
+                    done = True
+                    break
+            else:
+                if usable_batches == 0 and indices:  # only optimizer steps end the run: it would loop forever
+                    raise ValueError(f"{cfg.get('data', {}).get('root')}: no usable samples: every sample of epoch {epoch} "
+                                     f"was skipped ({skipped_total} skipped; the warnings above name the files)")
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                completed = (state["epoch"], 0)
+            validate_and_save(last_loss)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was done. Roll back to the last optimizer step (a half-done batch or
+        # accumulation is redone). One process only: the other ranks of a torchrun job are being
+        # stopped too, so there the last periodic checkpoint is the resume point.
+        state["epoch"], state["batch_in_epoch"] = completed
+        if world == 1 and state["step"] > 0:
+            save(f"step_{state['step']}")
+            logger.warning("interrupted at step %d: saved %s; continue with --resume", state["step"],
+                           ckpt_dir / f"step_{state['step']}.pth")
+        bar.close()
+        log.close()
+        raise
     bar.close()
     log.close()
     if rank == 0:
