@@ -217,6 +217,7 @@ def image_path(image: Mapping[str, Any], images_dir: PathLike, source: str = "an
 
     Raises:
         FileNotFoundError: naming the image id, the annotation file and every path tried.
+        ValueError: a name that leads outside ``images_dir`` (``../``, an absolute path).
     """
     images_dir = Path(images_dir)
     names: List[str] = []
@@ -225,8 +226,12 @@ def image_path(image: Mapping[str, Any], images_dir: PathLike, source: str = "an
     if image.get("coco_url"):
         names.append(str(image["coco_url"]).rstrip("/").rsplit("/", 1)[-1])
     tried: List[Path] = []
+    root = images_dir.resolve()
     for name in dict.fromkeys(names):  # ordered, without repeats
         candidate = images_dir / name
+        if not candidate.resolve().is_relative_to(root):  # "../../x.jpg" or an absolute path
+            raise ValueError(f"{source}: image id {image.get('id')!r} names {name!r}, outside the images folder "
+                             f"{images_dir}; refused")
         tried.append(candidate)
         if candidate.is_file():
             return candidate

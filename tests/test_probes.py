@@ -233,3 +233,25 @@ def test_probe_05_stale_temp_files_ctrl_c_and_redone_steps(tmp_path, monkeypatch
     train(load_config(QUICK, common), resume=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9)), steps
+
+
+def test_probe_18_paths_outside_the_images_folder_and_file_modes(tmp_path):
+    import os
+
+    from blvit.utils.io import atomic_write_text
+    from eval.annotations import image_path
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"names '../secret.jpg', outside the images folder"):
+        image_path({"id": 1, "file_name": "../secret.jpg"}, tmp_path / "images")
+    with pytest.raises(ValueError, match="outside the images folder"):
+        image_path({"id": 1, "file_name": str(tmp_path / "secret.jpg")}, tmp_path / "images")
+    old = os.umask(0o022)
+    try:
+        mode = atomic_write_text(tmp_path / "report.txt", "ok").stat().st_mode & 0o777
+        os.umask(0o077)
+        private = atomic_write_text(tmp_path / "private.txt", "ok").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert mode == 0o644 and private == 0o600

@@ -14,6 +14,12 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, wrong model, wrong shapes."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write through ``write`` to a temporary file in the same folder, fsync, then rename over
     ``path``: a crash mid-write leaves the previous file intact, never a truncated one."""
@@ -21,6 +27,7 @@ def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
