@@ -27,17 +27,11 @@ from .teacher_cache import TeacherEmbeddingCache, build_cache
 logger = logging.getLogger("blvit.train")
 
 
-def predict_masks(sam: nn.Module, embedding: torch.Tensor, image_pe: torch.Tensor, batch: Dict[str, torch.Tensor],
-                  i: int, pick: torch.Tensor, is_box: bool):
-    """Mask logits (M, K, S/4, S/4) and predicted IoU (M, K) for the picked prompts of image i:
-    K = 1 for boxes (SAM's single-mask output), 3 for single points (multimask)."""
-    if is_box:
-        sparse, dense = sam.prompt_encoder(points=None, boxes=batch["boxes"][i][pick], masks=None)
-    else:
-        pts = batch["points"][i][pick]
-        labels = torch.ones(pts.shape[:2], device=pts.device, dtype=torch.int)
-        sparse, dense = sam.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
-    return sam.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=not is_box)
+def predict_box_masks(sam: nn.Module, embedding: torch.Tensor, image_pe: torch.Tensor, boxes: torch.Tensor):
+    """Single-mask logits (M, 1, S/4, S/4) and predicted IoU (M, 1) for box prompts (M, 4) on one
+    image's embedding (1, C, h, w), as SamPredictor decodes a box."""
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return sam.mask_decoder(embedding, image_pe, sparse, dense, multimask_output=False)
 
 
 @torch.no_grad()
@@ -63,7 +57,7 @@ def evaluate_box_miou(sam: nn.Module, dataset: SA1BDataset, device: torch.device
             embeddings = sam.image_encoder(batch["image"])
             for i in range(embeddings.shape[0]):
                 pick = batch["valid"][i]
-                logits, _ = predict_masks(sam, embeddings[i : i + 1], image_pe, batch, i, pick, True)
+                logits, _ = predict_box_masks(sam, embeddings[i : i + 1], image_pe, batch["boxes"][i][pick])
                 total += torch.tensor([float(mask_iou(logits[:, 0].float(), batch["masks"][i][pick]).sum()),
                                        float(pick.sum())], dtype=torch.float64)
     if world > 1:
