@@ -255,3 +255,14 @@ def test_probe_18_paths_outside_the_images_folder_and_file_modes(tmp_path):
     finally:
         os.umask(old)
     assert mode == 0o644 and private == 0o600
+
+
+def test_probe_10_everything_that_keeps_nothing_says_which_threshold_dropped_what(tmp_path, monkeypatch, capsys):
+    from blvit.demo import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BLVIT_QUICKSTART_DIR", raising=False)
+    report = cli.run(["--everything", "--points-per-side", "2", "--pred-iou-thresh", "1.01", "--out", "all.png"])
+    out = capsys.readouterr().out
+    assert report["masks"] == []
+    assert "candidate masks:" in out and "below --pred-iou-thresh 1.01" in out and "--stability-thresh 0.95" in out

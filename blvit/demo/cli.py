@@ -129,8 +129,25 @@ def _everything(sam, image: np.ndarray, args: argparse.Namespace, device) -> Dic
     records = [mask_record(m, s, stability_score=float(r["stability_score"]), point_coords=r["point_coords"])
                for m, s, r in zip(masks, scores, found)]
     print(f"segment everything ({points}x{points} points): {len(masks)} masks in {seconds * 1000:.0f} ms")
+    if not masks:
+        print(_dropped_by_thresholds(sam, image, points, args))
     return {"masks": masks, "scores": scores, "records": records, "input_size": generator.predictor.input_size,
             "timing": {"everything_ms": seconds * 1000}, "prompts": {"everything": {"points_per_side": points}}}
+
+
+def _dropped_by_thresholds(sam, image: np.ndarray, points: int, args: argparse.Namespace) -> str:
+    """Why --everything kept nothing: the candidates without the two quality thresholds, and how
+    many of them each threshold removes (a second pass; run only when nothing was kept)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    loose = SamAutomaticMaskGenerator(sam, points_per_side=points, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    found = loose.generate(image)
+    below_iou = sum(r["predicted_iou"] < args.pred_iou_thresh for r in found)
+    below_stability = sum(r["stability_score"] < args.stability_thresh for r in found)
+    best = max((r["predicted_iou"] for r in found), default=float("nan"))
+    return (f"  without the thresholds {len(found)} candidate masks: {below_iou} have predicted IoU below "
+            f"--pred-iou-thresh {args.pred_iou_thresh} (highest {best:.3f}), {below_stability} stability below "
+            f"--stability-thresh {args.stability_thresh}; lower them to keep some")
 
 
 def _prompted(sam, image: np.ndarray, coords, labels, box, args: argparse.Namespace) -> Dict[str, Any]:
