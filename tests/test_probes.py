@@ -93,6 +93,7 @@ def test_probe_12_a_folder_of_bad_samples_stops_with_a_clear_error(tmp_path):
             train(cfg)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the garbage bytes, expected
 def test_probe_15_damaged_teacher_cache_entry_is_named(tmp_path):
     from blvit.data.sa1b import SA1BDataset, find_samples
     from blvit.data.synthetic import write_sa1b
