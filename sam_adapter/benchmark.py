@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,6 +33,8 @@ from .config import DENSE_SOURCE, make_config
 
 DEFAULT_ENCODERS = ("vit_b", "dense_vit_b", "b+t@0.25", "b+t@0.5", "vit_h", "dense_vit_h", "h+b@0.25", "h+b@0.5")
 # dense bf16 tensor-core peak, TFLOP/s (spec sheets; SXM parts)
+# Timed runs further apart than this (slowest / fastest) mean the machine was doing something else.
+BUSY_SPREAD = 1.5
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -142,7 +145,10 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
     rows = []
     encoders = build_encoders(names, img_size)
     peak = bf16_peak(device)
-    for name, enc in encoders.items():
+    for position, (name, enc) in enumerate(encoders.items(), 1):
+        # a line per encoder: at 1024 px on a CPU each one takes minutes
+        print(f"[{position}/{len(encoders)}] {name}: batches {list(batches)}, {warmup} warm-up + {repeats} timed runs each",
+              flush=True)
         enc = enc.to(device).eval()
         macs = module_macs_on_meta(enc, (1, 3, img_size, img_size))
         run_enc = torch.compile(enc, dynamic=False) if compile_ else enc  # static shapes by design
@@ -157,7 +163,11 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
                 torch.cuda.reset_peak_memory_stats(device)
             times = time_call(step, device, repeats, warmup)
             median = statistics.median(times)
+            if len(times) > 2 and max(times) > BUSY_SPREAD * min(times):
+                warnings.warn(f"{name} batch {batch}: timed runs from {1e3 * min(times):.1f} to {1e3 * max(times):.1f} ms "
+                              f"(more than {BUSY_SPREAD}x apart): the machine was busy, the medians may not compare")
             row = {"encoder": name, "batch": batch, "img_size": img_size, "median_ms": 1e3 * median,
+                   "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
                    "images_per_s": batch / median, "gmacs_per_image": macs / 1e9,
                    "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "bf16_peak_fraction": (2 * macs * batch / median / 1e12) / peak if peak and amp else None}
@@ -172,7 +182,7 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
 
 
 def markdown(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| encoder | batch | img/s | median ms | GMACs/img | peak GiB | % bf16 peak | set_image+point ms |",
+    lines = ["| encoder | batch | img/s | median ms (min-max) | GMACs/img | peak GiB | % bf16 peak | set_image+point ms |",
              "|---|---|---|---|---|---|---|---|"]
     latency = {r["encoder"]: r["predictor_point_ms"] for r in rows if "predictor_point_ms" in r}
     for r in rows:
@@ -181,7 +191,8 @@ def markdown(rows: Sequence[Dict[str, Any]]) -> str:
         mem = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         frac = "" if r["bf16_peak_fraction"] is None else f"{100 * r['bf16_peak_fraction']:.1f}"
         lat = f"{latency[r['encoder']]:.1f}" if r["batch"] == 1 and r["encoder"] in latency else ""
-        lines.append(f"| {r['encoder']} | {r['batch']} | {r['images_per_s']:.2f} | {r['median_ms']:.1f} | "
+        lines.append(f"| {r['encoder']} | {r['batch']} | {r['images_per_s']:.2f} | "
+                     f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) | "
                      f"{r['gmacs_per_image']:.1f} | {mem} | {frac} | {lat} |")
     return "\n".join(lines)
 

@@ -267,3 +267,25 @@ def test_probe_10_everything_that_keeps_nothing_says_which_threshold_dropped_wha
     out = capsys.readouterr().out
     assert report["masks"] == []
     assert "candidate masks:" in out and "below --pred-iou-thresh 1.01" in out and "--stability-thresh 0.95" in out
+
+
+def test_probe_08_bench_progress_spread_and_busy_warning(tmp_path, capsys, monkeypatch):
+    import json
+    import warnings
+
+    from sam_adapter import benchmark
+
+    benchmark.main(["--img-size", "128", "--encoders", "dense_vit_b", "--batches", "1", "--repeats", "3", "--warmup", "0",
+                    "--no-predictor", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "[1/1] dense_vit_b: batches [1], 0 warm-up + 3 timed runs each" in out
+    row = json.loads((tmp_path / "bench.json").read_text())["rows"][0]
+    assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+    assert f"({row['min_ms']:.1f}-{row['max_ms']:.1f})" in (tmp_path / "bench.md").read_text()
+    # a busy machine: one timed run three times slower than the others
+    monkeypatch.setattr(benchmark, "time_call", lambda fn, device, repeats, warmup: [0.01, 0.01, 0.03])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        benchmark.run_benchmark(["dense_vit_b"], 128, [1], 3, 0, benchmark.torch.device("cpu"), False,
+                                with_predictor=False)
+    assert any("the machine was busy" in str(w.message) for w in caught)
