@@ -13,7 +13,6 @@ Under ``torchrun`` the images are split across processes and rank 0 writes the r
 Per-image results are cached next to the report (REPORT.cache/), so a rerun resumes.
 """
 import argparse
-import functools
 import json
 import logging
 import math
@@ -247,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blvit-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    # every option with a help text shows its default (where it has one)
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
-    p = sub.add_parser("prompts", help="mIoU from simulated clicks or ground-truth boxes")
+    p = sub.add_parser("prompts", formatter_class=_ShowDefaults, help="mIoU from simulated clicks or ground-truth boxes")
     p.add_argument("--annotations", type=Path, required=True, help="COCO or LVIS instance annotations (JSON)")
     p.add_argument("--images", type=Path, required=True,
                    help="image folder (images found by file_name, or by coco_url's file name for LVIS)")
@@ -263,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(p, required=True)
     p.set_defaults(func=cmd_prompts)
 
-    p = sub.add_parser("instances", help="instance-segmentation AP (COCOeval / LVISEval)")
+    p = sub.add_parser("instances", formatter_class=_ShowDefaults, help="instance-segmentation AP (COCOeval / LVISEval)")
     p.add_argument("--annotations", type=Path, required=True, help="COCO or LVIS instance annotations (JSON)")
     p.add_argument("--images", type=Path, help="image folder (needed with --detections)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -276,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(p, required=False)
     p.set_defaults(func=cmd_instances)
 
-    p = sub.add_parser("imagenet", help="top-1/top-5, FLOPs and images/s of classifiers, side by side")
+    p = sub.add_parser("imagenet", formatter_class=_ShowDefaults, help="top-1/top-5, FLOPs and images/s of classifiers, side by side")
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root with val/<wnid>/*.JPEG")
     p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
     p.add_argument("--model", action="append", required=True,

@@ -40,6 +40,11 @@ def _train(config: Path, overrides: List[str]) -> Dict[str, Any]:
     return train(cfg, resume=started)
 
 
+def _epochs(epochs: Optional[int]) -> List[str]:
+    """The override for --teacher-epochs / --student-epochs; none keeps the config's own."""
+    return [] if epochs is None else [f"train.epochs={epochs}"]
+
+
 def demo_overlay(checkpoint: Path, heldout_coco: Path, images_dir: Path, out: Path) -> Dict[str, Any]:
     """Box-prompt the first object of the first held-out image; one PNG with the routing maps."""
     annotations = json.loads(Path(heldout_coco).read_text())
@@ -112,8 +117,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--runs", type=Path, default=Path("runs/quickstart"), help="teacher/ and student/ go here")
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="report, overlay, tables")
     parser.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES, help="synthetic SA-1B training images (default: %(default)s)")
-    parser.add_argument("--teacher-epochs", type=int, default=9, help="dense teacher: epochs over the training images")
-    parser.add_argument("--student-epochs", type=int, default=3, help="bLViT student: epochs of distillation")
+    parser.add_argument("--teacher-epochs", type=int, help="dense teacher: epochs over the training images "
+                                                          "(default: train.epochs of quickstart_teacher.yaml)")
+    parser.add_argument("--student-epochs", type=int, help="bLViT student: epochs of distillation "
+                                                          "(default: train.epochs of quickstart.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -121,11 +128,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"[1/5] synthetic data in {args.data}: SA-1B train/val, held-out COCO + LVIS")
     common = [f"data.root={data['sa1b_train']}", f"data.val_root={data['sa1b_val']}"]
     teacher = _train(CONFIGS / "quickstart_teacher.yaml",
-                     common + [f"output_dir={args.runs / 'teacher'}", f"train.epochs={args.teacher_epochs}"])
+                     common + [f"output_dir={args.runs / 'teacher'}", *_epochs(args.teacher_epochs)])
     teacher_ckpt = Path(teacher["best_checkpoint"])
     print(f"[2/5] dense teacher: {teacher_ckpt} (validation box mIoU {teacher['validation'].get('val_box_miou', float('nan')):.3f})")
     student = _train(CONFIGS / "quickstart.yaml",
-                     common + [f"output_dir={args.runs / 'student'}", f"train.epochs={args.student_epochs}",
+                     common + [f"output_dir={args.runs / 'student'}", *_epochs(args.student_epochs),
                                f"teacher.checkpoint={teacher_ckpt}", f"model.sam_checkpoint={teacher_ckpt}"])
     student_ckpt = Path(student["best_checkpoint"])
     print(f"[3/5] bLViT student: {student_ckpt} (validation box mIoU {student['validation'].get('val_box_miou', float('nan')):.3f})")

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 from .imagenet import write_imagefolder
 from .synthetic import write_instances, write_sa1b
 
-# Disjoint image ids: write_* number images seed * 1e6 + i + 1.
+# Disjoint image ids: each split's images are numbered by synthetic.split_image_id(seed, i).
 TRAIN_SEED, HELDOUT_SEED, VAL_SEED = 0, 1, 2
 # One default for blvit-synthetic and blvit-quickstart, so that running one after the other
 # reuses the data. 400 images: with 160 the quick-start teacher starts to overfit within its run.

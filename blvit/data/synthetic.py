@@ -7,12 +7,12 @@ object's mask is its visible region. Written exactly as the released data is: ``
 held-out split as COCO and LVIS instance files (category = shape kind).
 """
 import io
+import json
 import multiprocessing
 import os
+import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-import json
-import tarfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
@@ -62,6 +62,11 @@ def _shape_mask(rng: np.random.Generator, kind: int, h: int, w: int) -> np.ndarr
 
 
 ALL_KINDS = (1, 2, 3)
+
+
+def split_image_id(seed: int, index: int) -> int:
+    """The id of a split's ``index``-th image (0-based): splits of different seeds never share ids."""
+    return seed * 1_000_000 + index + 1
 
 
 def render_image(seed: int, height: int = 240, width: int = 320, max_objects: int = 5,
@@ -151,19 +156,19 @@ def write_sa1b(root: Path, num_images: int, seed: int = 0, height: int = 240, wi
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     written, tar = [], None
-    image_ids = [seed * 1_000_000 + i + 1 for i in range(num_images)]
-    for i, (image_id, (jpg, js)) in enumerate(zip(image_ids, _rendered(image_ids, height, width, kinds, **render))):
+    image_ids = [split_image_id(seed, i) for i in range(num_images)]
+    for i, (sample_id, (jpg, js)) in enumerate(zip(image_ids, _rendered(image_ids, height, width, kinds, **render))):
         if images_per_shard <= 0:
-            (root / f"sa_{image_id}.jpg").write_bytes(jpg)
-            (root / f"sa_{image_id}.json").write_bytes(js)
-            written.append(root / f"sa_{image_id}.jpg")
+            (root / f"sa_{sample_id}.jpg").write_bytes(jpg)
+            (root / f"sa_{sample_id}.json").write_bytes(js)
+            written.append(root / f"sa_{sample_id}.jpg")
             continue
         if i % images_per_shard == 0:
             if tar is not None:
                 tar.close()
             written.append(root / f"sa_{i // images_per_shard:06d}.tar")
             tar = tarfile.open(written[-1], "w")
-        for name, payload in ((f"sa_{image_id}.jpg", jpg), (f"sa_{image_id}.json", js)):
+        for name, payload in ((f"sa_{sample_id}.jpg", jpg), (f"sa_{sample_id}.json", js)):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -179,15 +184,15 @@ def write_instances(root: Path, num_images: int, seed: int = 1, height: int = 24
     (root / "images").mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i in range(num_images):
-        image_id = seed * 1_000_000 + i + 1
-        image, objects = render_image(image_id, height, width, kinds=kinds, **render)
-        name = f"{image_id:012d}.jpg"
+        sample_id = split_image_id(seed, i)
+        image, objects = render_image(sample_id, height, width, kinds=kinds, **render)
+        name = f"{sample_id:012d}.jpg"
         (root / "images" / name).write_bytes(_jpeg(image))
-        images.append({"id": image_id, "file_name": name, "height": height, "width": width,
+        images.append({"id": sample_id, "file_name": name, "height": height, "width": width,
                        "coco_url": f"http://images.cocodataset.org/val2017/{name}"})
         for obj in objects:
             rle = _rle(obj["mask"])
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": obj["category_id"],
+            anns.append({"id": len(anns) + 1, "image_id": sample_id, "category_id": obj["category_id"],
                          "segmentation": rle, "area": float(obj["mask"].sum()), "bbox": _bbox(rle), "iscrowd": 0})
     coco = {"images": images, "annotations": anns,
             "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in CATEGORIES]}

@@ -172,9 +172,9 @@ def sample_image(name: str = "shapes") -> np.ndarray:
         raise DemoInputError(f"unknown sample image {name!r}; choose one of {', '.join(SAMPLE_IMAGES)}")
     if name == "shapes":
         from blvit.data.make_synthetic import HELDOUT_SEED
-        from blvit.data.synthetic import render_image
+        from blvit.data.synthetic import render_image, split_image_id
 
-        return render_image(HELDOUT_SEED * 1_000_000 + 2)[0]
+        return render_image(split_image_id(HELDOUT_SEED, 1))[0]
     from skimage import data
 
     return np.ascontiguousarray(getattr(data, name)()[..., :3])

@@ -279,7 +279,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         atomic_save(payload, ckpt_dir / name)
         atomic_write_text(ckpt_dir / "latest.txt", name)
         if is_best:  # weights and config only (what eval and the demo read); resume reads the step files
-            atomic_save(dict(task.payload(), best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
+            weights = {k: v for k, v in payload.items() if k != "train_state"}
+            atomic_save(dict(weights, best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
         steps = sorted(ckpt_dir.glob("step_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for old in steps[: max(0, len(steps) - t["keep_last"])]:
             old.unlink()
