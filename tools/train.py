@@ -46,6 +46,13 @@ def main(argv=None) -> dict:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the loop saved a checkpoint and logged where
         parser.exit(130, "interrupted; continue with --resume (same --config and overrides)\n")
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        # every rank waits for rank 0's last writes, then the group is torn down before exit: a rank
+        # leaving with gloo's threads alive aborts ("terminate called without an active exception")
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
     print(json.dumps(summary, indent=2))
     return summary
 
