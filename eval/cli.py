@@ -99,22 +99,29 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
         records, drawn = prompt_image(encoder, anns, image_id, image, args.prompt, clicks, args.oracle,
                                       keep_masks=image_id in vis_ids)
         if drawn:
-            draw_prompted(args.out.parent / f"{args.out.stem}_vis" / f"{image_id}.png", image, drawn, records)
+            draw_prompted(args.out.parent / f"{args.out.stem}_vis" / f"{image_id}.png", image, drawn,
+                          [r for r in records if "skipped" not in r])
         return records
 
-    done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache, work, "prompts", device, amp, world, rank)
+    done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache, work, "prompts", device, amp, world, rank,
+                        args.strict)
     if done is None:
         return None
     per_object, eff = done
-    rows = [{"iou": iou, "area": rec["area"], "click": k + 1}
-            for image_id in image_ids for rec in per_object.get(image_id, []) for k, iou in enumerate(rec["iou"])]
+    records = [rec for image_id in image_ids for rec in per_object.get(image_id, [])]
+    measured = [rec for rec in records if "skipped" not in rec]
+    skipped = {str(rec["ann_id"]): rec["skipped"] for rec in records if "skipped" in rec}
+    if skipped:
+        logger.warning("%d annotations skipped (invalid for --prompt %s); listed under annotations_skipped in the "
+                       "report", len(skipped), args.prompt)
+    rows = [{"iou": iou, "area": rec["area"], "click": k + 1} for rec in measured for k, iou in enumerate(rec["iou"])]
     if not rows:
         raise ValueError(f"{args.annotations}: no objects to evaluate")
     report = {"task": "prompts", **info, "annotations": str(args.annotations), "dataset": anns.kind,
               "prompt": args.prompt, "clicks": clicks,
               "mask_choice": "oracle (best IoU with ground truth)" if args.oracle else "highest predicted IoU",
-              "images": len(image_ids), "objects": sum(len(per_object.get(i, [])) for i in image_ids),
-              **summarize_miou(rows), **eff, "processes": world}
+              "images": len(image_ids) - len(eff["images_skipped"]), "objects": len(measured),
+              **summarize_miou(rows), **eff, "annotations_skipped": skipped, "processes": world}
     keys = ["mIoU", "mIoU_small", "mIoU_medium", "mIoU_large"]
     keys += [f"mIoU@{k}click" for k in range(1, clicks + 1)] if clicks > 1 else []
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
@@ -122,27 +129,34 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
 
 
 def _run_sharded(image_ids: List[int], anns, images_dir, sam, encoder, cache, work, desc: str, device, amp: bool,
-                 world: int, rank: int) -> Optional[Tuple[Dict[int, List[Any]], Dict[str, Any]]]:
+                 world: int, rank: int, strict: bool = False) -> Optional[Tuple[Dict[int, List[Any]], Dict[str, Any]]]:
     """Each process runs ``work`` on its stride of the images into its own cache. Rank 0 gets
     (the records of every image from all the ranks' caches, the encoder's efficiency with
     images/s summed over the processes); the other ranks get None."""
     from .sam_eval import efficiency, merge_caches, run_images
 
-    run_images(image_ids[rank::world], anns, Path(images_dir), encoder, cache, work, desc, rank == 0)
+    skipped = run_images(image_ids[rank::world], anns, Path(images_dir), encoder, cache, work, desc, rank == 0, strict)
     eff = efficiency(sam, encoder, device, amp)
-    speeds = _gather([eff["images_per_s"]], world)
+    speeds = _gather(eff["images_per_s"], world)
+    all_skipped = {k: v for part in _gather(skipped, world) for k, v in part.items()}
     _barrier(world)
     if rank != 0:
         return None
     merged = merge_caches(sorted(cache.path.parent.glob("rank*.jsonl")))
-    return merged, {**eff, "images_per_s": _sum_or_none(speeds)}
+    for image_id in all_skipped:
+        merged.pop(image_id, None)  # a file that broke after an earlier run cached it: not counted
+    if all_skipped:
+        logger.warning("%d images skipped (unreadable); listed under images_skipped in the report", len(all_skipped))
+    return merged, {**eff, "images_per_s": _sum_or_none(speeds),
+                    "images_skipped": {str(k): v for k, v in sorted(all_skipped.items())}}
 
 
-def _gather(values: List[Optional[float]], world: int) -> List[Optional[float]]:
+def _gather(value: Any, world: int) -> List[Any]:
+    """This process's ``value``, from every process (rank order)."""
     if world == 1:
-        return values
+        return [value]
     out: List[Any] = [None] * world
-    torch_dist.all_gather_object(out, values[0])
+    torch_dist.all_gather_object(out, value)
     return out
 
 
@@ -184,7 +198,7 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
                             args.fresh)
     done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache,
                         lambda image_id, image: instance_image(encoder, by_image[image_id]), "instances", device, amp,
-                        world, rank)
+                        world, rank, args.strict)
     if done is None:
         return None
     merged, eff = done
@@ -192,8 +206,8 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     if args.save_predictions:
         atomic_write_text(args.save_predictions, json.dumps(results))
     report = {"task": "instances", **info, "annotations": str(args.annotations), "detections": str(args.detections),
-              "dataset": args.dataset or anns.kind, "images": len(image_ids), "results": len(results),
-              **evaluate_instances(anns, results, args.dataset), **eff, "processes": world}
+              "dataset": args.dataset or anns.kind, "images": len(image_ids) - len(eff["images_skipped"]),
+              "results": len(results), **evaluate_instances(anns, results, args.dataset), **eff, "processes": world}
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
     return report
 
@@ -240,6 +254,8 @@ def _common_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--fresh", action="store_true", help="discard cached predictions of an earlier run")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at an unreadable image instead of skipping it with a warning")
 
 
 def build_parser() -> argparse.ArgumentParser:

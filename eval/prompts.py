@@ -114,6 +114,30 @@ def box_prompt(ann: Mapping[str, Any]) -> np.ndarray:
     return xywh_to_xyxy(ann["bbox"])
 
 
+# COCO's boxes are floats computed from polygons; a box may overhang the frame by rounding.
+_BOX_SLACK_PX = 1.0
+
+
+def box_problem(ann: Mapping[str, Any], width: int, height: int) -> Optional[str]:
+    """Why an annotation's ``bbox`` cannot be a box prompt on a ``width`` x ``height`` image
+    (None if it can): missing, not 4 finite numbers, zero or negative size, or outside the image
+    (beyond a one-pixel slack)."""
+    bbox = ann.get("bbox")
+    if bbox is None:
+        return "no bbox"
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        return f"bbox {bbox!r} is not 4 numbers [x, y, w, h]"
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(np.isfinite([x, y, w, h])):
+        return f"bbox {list(bbox)} is not finite"
+    if w <= 0 or h <= 0:
+        return f"bbox {list(bbox)} has no area (width {w:g}, height {h:g})"
+    if x < -_BOX_SLACK_PX or y < -_BOX_SLACK_PX or x + w > width + _BOX_SLACK_PX or y + h > height + _BOX_SLACK_PX:
+        return f"bbox {list(bbox)} is outside the {width}x{height} image"
+    return None
+
+
 def clicks_to_arrays(clicks: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
     """Clicks [(x, y, label), ...] -> SAM's ``point_coords`` (N, 2) float32 and ``point_labels``
     (N,) int32. A (x, y) pair without a label counts as positive (a first click)."""

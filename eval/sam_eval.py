@@ -25,7 +25,7 @@ from blvit.utils.io import atomic_write_text, read_checkpoint
 
 from .annotations import AnnotationSet, mask_to_rle, xywh_to_xyxy
 from .metrics import ResultsError, mask_iou
-from .prompts import box_prompt, first_click, next_click
+from .prompts import box_problem, box_prompt, first_click, next_click
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +199,22 @@ def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np
     Returns one record per object ({"ann_id", "area", "iou": [per round]}) and, if
     ``keep_masks``, the prompts and masks for drawing.
     """
-    objects = [a for a in _objects(anns, image_id)]
-    gts = [anns.annotation_mask(a) for a in objects]
-    keep = [i for i, g in enumerate(gts) if g.any()]
-    if len(keep) < len(objects):
-        warnings.warn(f"{anns.source}: image {image_id}: {len(objects) - len(keep)} annotations with empty masks skipped")
-    objects, gts = [objects[i] for i in keep], [gts[i] for i in keep]
+    info = anns.image(image_id)
+    objects, gts, skipped = [], [], []
+    for ann in _objects(anns, image_id):
+        problem = box_problem(ann, info["width"], info["height"]) if prompt == "box" else None
+        gt = anns.annotation_mask(ann) if problem is None else None
+        if gt is not None and not gt.any():
+            problem = "empty mask"
+        if problem is None:
+            objects.append(ann)
+            gts.append(gt)
+        else:
+            skipped.append({"ann_id": ann.get("id"), "skipped": problem, "iou": []})
+    if skipped:
+        warnings.warn(f"{anns.source}: image {image_id}: {len(skipped)} annotations skipped: "
+                      + "; ".join(f"annotation {s['ann_id']}: {s['skipped']}" for s in skipped[:5])
+                      + (f"; ... ({len(skipped) - 5} more)" if len(skipped) > 5 else ""))
     records = [{"ann_id": a["id"], "area": float(a.get("area", g.sum())), "iou": []} for a, g in zip(objects, gts)]
     drawn: Dict[str, Any] = {"gt": gts, "pred": [None] * len(gts), "points": [None] * len(gts), "boxes": None}
     for start in range(0, len(objects), PROMPT_CHUNK):
@@ -239,7 +249,8 @@ def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np
             low = low_all[torch.arange(len(part)), torch.as_tensor(chosen)].unsqueeze(1)
         for j, i in enumerate(part):
             drawn["points"][i] = points[j]
-    return records, (drawn if keep_masks else {})
+    # skipped annotations are recorded (with no IoU) so the report can count them after a resume
+    return records + skipped, (drawn if keep_masks else {})
 
 
 def instance_image(encoder: Encoder, detections: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -275,17 +286,34 @@ def check_detections(anns: AnnotationSet, detections: Any, source: str) -> Dict[
 
 
 def run_images(image_ids: Sequence[int], anns: AnnotationSet, images_dir: Path, encoder: Encoder, cache: PredictionCache,
-               work: Callable[[int, np.ndarray], List[Dict[str, Any]]], desc: str, show: bool = True) -> None:
-    """Set each image not yet cached, run ``work`` on it and cache its records."""
+               work: Callable[[int, np.ndarray], List[Dict[str, Any]]], desc: str, show: bool = True,
+               strict: bool = False) -> Dict[int, str]:
+    """Set each image not yet cached, run ``work`` on it and cache its records.
+
+    An image file that cannot be read (corrupt, or refused as a decompression bomb) is skipped
+    with a warning naming it, and is not cached, so a rerun after fixing it picks it up; with
+    ``strict`` it stops the run. A missing file or one whose size contradicts the annotations
+    always stops it (the wrong folder or the wrong annotation file). Returns {image_id: why} of
+    the skipped images.
+    """
     todo = [i for i in image_ids if i not in cache.done]
+    skipped: Dict[int, str] = {}
     for image_id in tqdm(todo, desc=desc, disable=not show):
-        image = read_image(anns.image_path(image_id, images_dir))
+        try:
+            image = read_image(anns.image_path(image_id, images_dir))
+        except ValueError as err:
+            if strict:
+                raise
+            warnings.warn(f"image {image_id} skipped: {err}")
+            skipped[image_id] = str(err)
+            continue
         info = anns.image(image_id)
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"{anns.image_path(image_id, images_dir)}: image is {image.shape[1]}x{image.shape[0]} but "
                              f"{anns.source} says {info['width']}x{info['height']}")
         encoder.set_image(image)
         cache.add(image_id, work(image_id, image))
+    return skipped
 
 
 def merge_caches(paths: Iterable[Path]) -> Dict[int, List[Dict[str, Any]]]:

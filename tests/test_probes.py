@@ -185,17 +185,7 @@ def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
     prompts = subparsers.choices["prompts"].format_help()
     assert "(default: point)" in " ".join(prompts.split()) and "(default: 1)" in prompts
     # a dense checkpoint of this toolkit is reported as dense_vit_b, not as segment-anything's vit_b
-    import torch
-
-    from sam_adapter import build_sam_blvit
-    from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION
-
-    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=256, embed_dim=64, depth=2, num_heads=4,
-                          global_attn_indexes=(1,), out_chans=64)
-    path = tmp_path / "dense.pth"
-    torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": sam.image_encoder.config.to_dict(),
-                "model": sam.state_dict()}, path)
-    _, info = load_demo_model(checkpoint=str(path))
+    _, info = load_demo_model(checkpoint=str(_tiny_dense_checkpoint(tmp_path / "dense.pth")))
     assert info["model"] == "dense_vit_b" and info["dense"]
 
 
@@ -289,3 +279,69 @@ def test_probe_08_bench_progress_spread_and_busy_warning(tmp_path, capsys, monke
         benchmark.run_benchmark(["dense_vit_b"], 128, [1], 3, 0, benchmark.torch.device("cpu"), False,
                                 with_predictor=False)
     assert any("the machine was busy" in str(w.message) for w in caught)
+
+
+def _tiny_dense_checkpoint(path: Path) -> Path:
+    """A randomly initialised dense SAM of this toolkit's format, small enough for a CPU test."""
+    import torch
+
+    from sam_adapter import build_sam_blvit
+    from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION
+
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=256, embed_dim=64, depth=2, num_heads=4,
+                          global_attn_indexes=(1,), out_chans=64)
+    torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": sam.image_encoder.config.to_dict(),
+                "model": sam.state_dict()}, path)
+    return path
+
+
+def test_probe_16_invalid_boxes_and_probe_13_unreadable_images_are_counted_and_skipped(tmp_path, monkeypatch):
+    import json
+    import warnings
+
+    from PIL import Image
+
+    from blvit.data.make_synthetic import ensure_synthetic
+    from eval.cli import run
+
+    data = ensure_synthetic(tmp_path / "data", train=1, val=1, heldout=4)
+    coco = json.loads(Path(data["heldout_coco"]).read_text())
+    images = {im["id"]: im for im in coco["images"]}
+    first, second, third, fourth = sorted(images)
+    anns = [a for a in coco["annotations"] if a["image_id"] == first]
+    anns[0]["bbox"] = [images[first]["width"] + 10, 5, 20, 20]  # outside the image
+    anns[1]["bbox"] = [10, 10, -5, 20]  # negative size
+    other = next(a for a in coco["annotations"] if a["image_id"] == second)
+    other["bbox"] = [10, "a", 5, 5]  # not a number
+    bad_ids = {anns[0]["id"]: "outside", anns[1]["id"]: "no area", other["id"]: "not 4 numbers"}
+    bad_path = tmp_path / "bad.json"
+    # an unreadable image, and a pixel bomb (refused above twice PIL's limit, lowered here)
+    img_dir = Path(data["heldout_images"])
+    (img_dir / images[third]["file_name"]).write_bytes(b"not an image")
+    Image.new("RGB", (1500, 1500)).save(img_dir / images[fourth]["file_name"], format="JPEG")
+    images[fourth].update(width=1500, height=1500)
+    bad_path.write_text(json.dumps(coco))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+
+    ckpt = _tiny_dense_checkpoint(tmp_path / "dense.pth")
+    args = ["prompts", "--annotations", str(bad_path), "--images", str(img_dir), "--model", "dense_vit_b",
+            "--checkpoint", str(ckpt), "--prompt", "box"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run(args + ["--out", str(tmp_path / "box.json")])
+    text = " ".join(str(w.message) for w in caught)
+    for ann_id, why in bad_ids.items():
+        assert report["annotations_skipped"][str(ann_id)].find(why) >= 0, report["annotations_skipped"]
+        assert f"annotation {ann_id}:" in text
+    assert set(report["images_skipped"]) == {str(third), str(fourth)}
+    assert "not a readable image" in report["images_skipped"][str(third)]
+    assert "too many pixels" in report["images_skipped"][str(fourth)]
+    assert str(img_dir / images[third]["file_name"]) in text and str(img_dir / images[fourth]["file_name"]) in text
+    valid = [a for a in coco["annotations"] if a["image_id"] in (first, second) and a["id"] not in bad_ids]
+    assert report["images"] == 2 and report["objects"] == len(valid)
+    # point prompts do not use the box: the same annotations are measured
+    point = run(args[:-1] + ["point", "--out", str(tmp_path / "point.json")])
+    assert point["annotations_skipped"] == {} and point["objects"] == len(valid) + len(bad_ids)
+    # --strict stops at the first unreadable image, naming it
+    with pytest.raises(ValueError, match="not a readable image|too many pixels"):
+        run(args + ["--strict", "--fresh", "--out", str(tmp_path / "strict.json")])
