@@ -22,6 +22,20 @@ def selection_map(flat_index: np.ndarray, valid: Optional[np.ndarray], grid: int
     return out.reshape(grid, grid)
 
 
+def _label(ax, text: str, fontsize: float = 9.0) -> None:
+    """A panel's title drawn inside its picture (top edge, on a light box), wrapped to the
+    picture's width, so no layout cuts it off whatever the image's aspect ratio. Call after the
+    figure's layout is final."""
+    import textwrap
+
+    ax.apply_aspect()
+    width_px = ax.get_window_extent().width
+    char_px = 0.62 * fontsize * ax.figure.dpi / 72  # a generous average glyph width
+    wrapped = textwrap.fill(text, width=max(8, int(width_px / char_px) - 2))
+    ax.text(0.5, 0.985, wrapped, transform=ax.transAxes, ha="center", va="top", fontsize=fontsize,
+            bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 2})
+
+
 def save_overlay(
     path: Path,
     image: np.ndarray,
@@ -41,7 +55,9 @@ def save_overlay(
     """
     plt = _plt()
     panels = 1 + len(routing)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 5), squeeze=False)
+    height, width = image.shape[:2]
+    panel_w = 5.0 * min(1.6, max(0.6, width / height))  # each panel keeps the image's aspect ratio
+    fig, axes = plt.subplots(1, panels, figsize=(panel_w * panels, 5), squeeze=False)
     ax = axes[0, 0]
     ax.imshow(image)
     colours = plt.cm.tab10(np.arange(max(1, len(masks))) % 10)
@@ -56,7 +72,7 @@ def save_overlay(
     if box is not None:
         x0, y0, x1, y1 = box
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=2))
-    ax.set_title("masks " + ", ".join(f"{s:.2f}" for s in scores) if len(scores) else "masks")
+    labels_ = [(ax, "masks " + ", ".join(f"{s:.2f}" for s in scores) if len(scores) else "masks")]
     ax.axis("off")
     for j, (m, title) in enumerate(zip(routing, list(routing_titles) + [""] * len(routing))):
         ax = axes[0, 1 + j]
@@ -66,9 +82,12 @@ def save_overlay(
             scale = g / max(input_size)
             m = m[: int(np.ceil(input_size[0] * scale)), : int(np.ceil(input_size[1] * scale))]
         ax.imshow(m, cmap="magma", alpha=0.6, extent=(0, image.shape[1], image.shape[0], 0), vmin=0, vmax=1)
-        ax.set_title(title)
+        if title:
+            labels_.append((ax, title))
         ax.axis("off")
     fig.tight_layout()
+    for ax, text in labels_:
+        _label(ax, text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -1,5 +1,5 @@
-"""Issue 16: the probes of a demanding user, each with the answer it must get (one test per
-probe number; the probes not listed here are still open, see the issue)."""
+"""Issue 16: the probes of a demanding user, each with the answer it must get (at least one
+test per probe number, 1 to 18; add the next probe here)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -345,3 +345,97 @@ def test_probe_16_invalid_boxes_and_probe_13_unreadable_images_are_counted_and_s
     # --strict stops at the first unreadable image, naming it
     with pytest.raises(ValueError, match="not a readable image|too many pixels"):
         run(args + ["--strict", "--fresh", "--out", str(tmp_path / "strict.json")])
+
+
+def test_probe_17_demo_server_bounds_pixels_memory_and_decoding_and_refuses_bad_numbers(monkeypatch):
+    import io
+    import threading
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from blvit.demo import server as demo_server
+    from sam_adapter import build_sam_blvit
+
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=64, embed_dim=32, depth=1, num_heads=2,
+                          global_attn_indexes=(0,), out_chans=32, window_size=4)
+    app = demo_server.create_app(sam, {"model": "tiny"}, max_upload_mb=1, cache_size=8, max_megapixels=0.5,
+                                 cache_mb=0.5, decode_workers=1)
+    client, service = app.test_client(), app.extensions["blvit_demo"]
+
+    def png(width, height, value=0):
+        buf = io.BytesIO()
+        Image.new("RGB", (width, height), (value, value, value)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def upload(data, name="x.png"):
+        return client.post("/api/image", data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+    # a small file of many pixels: refused from its header, before decoding, with 413
+    huge = png(2000, 2000)
+    assert len(huge) < 1024 * 1024
+    res = upload(huge, "huge.png")
+    assert res.status_code == 413 and "4.0 megapixels" in res.get_json()["error"] and "--max-megapixels" in res.get_json()["error"]
+    # the cache is bounded in bytes, not only in entries: 0.5 MB holds two 300x300 images (+ features), not eight
+    ids = [upload(png(300, 300, v)).get_json()["image_id"] for v in range(4)]
+    assert len(set(ids)) == 4 and 1 <= len(service.cache) < 4 and list(service.cache)[-1] == ids[-1]
+    assert service.cached_bytes() <= 0.5 * 2**20
+    # decoding is bounded: with decode_workers=1, two uploads never decode at the same time
+    active, peak, real = [0], [0], demo_server.decode_image
+
+    def slow_decode(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        active[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_server, "decode_image", slow_decode)
+    threads = [threading.Thread(target=lambda v=v: app.test_client().post(
+        "/api/image", data={"image": (io.BytesIO(png(32, 32, v)), "t.png")}, content_type="multipart/form-data"))
+        for v in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1
+    # numbers a float cannot hold, and a multimask that is not a boolean: 400, not 500 / three masks
+    image_id = ids[-1]
+    for body, text in (({"points": [[int("9" * 401), 5]]}, "finite numbers"),
+                       ({"box": [0, 0, int("9" * 401), 5]}, "finite numbers"),
+                       ({"points": [[5, 5]], "multimask": "false"}, "JSON boolean")):
+        res = client.post("/api/predict", json={"image_id": image_id, **body})
+        assert res.status_code == 400 and text in res.get_json()["error"], res.get_json()
+    ok = client.post("/api/predict", json={"image_id": image_id, "points": [[5, 5]], "multimask": True})
+    assert ok.status_code == 200 and len(ok.get_json()["scores"]) == 3
+
+
+@pytest.mark.parametrize("shape", [(200, 200), (100, 300), (300, 100)])
+def test_probe_10_overlay_titles_are_inside_the_picture(tmp_path, monkeypatch, shape):
+    import numpy as np
+
+    from blvit import viz
+
+    plt = viz._plt()
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    image = np.zeros((*shape, 3), np.uint8)
+    mask = np.zeros(shape, bool)
+    mask[10:50, 10:50] = True
+    routing = [np.eye(8), np.ones((8, 8))]
+    viz.save_overlay(tmp_path / "o.png", image, [mask] * 3, [0.91, 0.85, 0.5], points=np.array([[20, 20]]),
+                     routing=routing, routing_titles=["P-block tokens from layer 3", "P-block tokens from layer 6"],
+                     input_size=shape)
+    fig = kept[0]
+    renderer = fig.canvas.get_renderer()
+    titles = 0
+    for ax in fig.axes:
+        picture = ax.get_window_extent(renderer)
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            assert picture.x0 - 1 <= box.x0 and box.x1 <= picture.x1 + 1, (text.get_text(), box, picture)
+            assert picture.y0 - 1 <= box.y0 and box.y1 <= picture.y1 + 1, (text.get_text(), box, picture)
+            titles += 1
+        assert ax.get_title() == ""
+    assert titles == 3

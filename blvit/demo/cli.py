@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=7860, help="--serve: port (default 7860)")
     web.add_argument("--max-upload-mb", type=float, default=20.0, help="--serve: largest accepted upload")
     web.add_argument("--cache-size", type=int, default=8, help="--serve: image embeddings kept (LRU)")
+    web.add_argument("--cache-mb", type=float, default=1024.0,
+                     help="--serve: memory the kept images and embeddings may take (default 1024)")
+    web.add_argument("--max-megapixels", type=float, default=36.0,
+                     help="--serve: largest accepted image, in megapixels (default 36; larger uploads get 413)")
     return p
 
 
@@ -113,6 +117,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DemoInputError(f"--max-upload-mb {args.max_upload_mb}: must be positive")
     if args.serve and args.cache_size < 1:
         raise DemoInputError(f"--cache-size {args.cache_size}: must be at least 1")
+    for flag, value in (("--cache-mb", args.cache_mb), ("--max-megapixels", args.max_megapixels)):
+        if args.serve and not value > 0:
+            raise DemoInputError(f"{flag} {value}: must be positive")
 
 
 def _everything(sam, image: np.ndarray, args: argparse.Namespace, device) -> Dict[str, Any]:
@@ -218,7 +225,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.serve:
         from .server import serve
 
-        serve(sam, info, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, cache_size=args.cache_size)
+        serve(sam, info, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, cache_size=args.cache_size,
+              max_megapixels=args.max_megapixels, cache_mb=args.cache_mb)
         return {}
     height, width = image.shape[:2]
     print(f"model: {info.get('model')} ({info.get('encoder')}, {info.get('img_size')} px input), "

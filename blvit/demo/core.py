@@ -30,6 +30,10 @@ class DemoInputError(ValueError):
     the command line prints it on one line and exits with status 2; the server answers 4xx."""
 
 
+class ImageTooLarge(DemoInputError):
+    """An image with more pixels than allowed (the server answers 413)."""
+
+
 def quickstart_checkpoint() -> Path:
     """Where the README's main job (``blvit-quickstart``) writes the bLViT student's checkpoint:
     ``$BLVIT_QUICKSTART_DIR/student/checkpoints/best.pth``, by default under ``runs/quickstart``
@@ -180,15 +184,21 @@ def sample_image(name: str = "shapes") -> np.ndarray:
     return np.ascontiguousarray(getattr(data, name)()[..., :3])
 
 
-def decode_image(payload: bytes, name: str = "upload") -> np.ndarray:
-    """(H, W, 3) uint8 RGB from an image file's bytes; DemoInputError if it is not an image."""
+def decode_image(payload: bytes, name: str = "upload", max_pixels: Optional[int] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from an image file's bytes; DemoInputError if it is not an image,
+    ImageTooLarge (before decoding: the header gives the size) if it has more than ``max_pixels``."""
     if not payload:
         raise DemoInputError(f"{name}: empty file, not an image")
     try:
         with Image.open(io.BytesIO(payload)) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} megapixels; "
+                                    f"the limit is {max_pixels / 1e6:g} (blvit-demo --serve --max-megapixels)")
             image = np.asarray(im.convert("RGB"))
+    except ImageTooLarge:
+        raise
     except Image.DecompressionBombError as err:
-        raise DemoInputError(f"{name}: image too large ({err})") from err
+        raise ImageTooLarge(f"{name}: image too large ({err})") from err
     except UnidentifiedImageError as err:
         raise DemoInputError(f"{name}: not a readable image (unknown or damaged image format)") from err
     except (OSError, SyntaxError, ValueError) as err:
@@ -230,6 +240,21 @@ def parse_box(text: str) -> Tuple[float, float, float, float]:
     return tuple(_number(p, f"--box {text!r}") for p in parts)  # type: ignore[return-value]
 
 
+def _finite(value: Any) -> bool:
+    """A real number that fits a float (JSON integers are unbounded: 1e400 as digits overflows)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(values: Any, limit: int = 80) -> str:
+    text = repr(list(values)) if isinstance(values, (list, tuple)) else repr(values)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_prompts(points: Sequence[Sequence[float]], labels: Sequence[int], box: Optional[Sequence[float]],
                   width: int, height: int) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
     """Validate prompts in image pixels against a (width x height) image; returns SamPredictor
@@ -237,9 +262,8 @@ def check_prompts(points: Sequence[Sequence[float]], labels: Sequence[int], box:
     if len(points) != len(labels):
         raise DemoInputError(f"{len(points)} points but {len(labels)} labels")
     for point, label in zip(points, labels):
-        if len(point) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                      for v in point):
-            raise DemoInputError(f"point {list(point)!r}: expected two finite numbers x, y")
+        if len(point) != 2 or not all(_finite(v) for v in point):
+            raise DemoInputError(f"point {_short(point)}: expected two finite numbers x, y")
         x, y = point
         if not (0 <= x < width and 0 <= y < height):
             raise DemoInputError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image "
@@ -250,9 +274,8 @@ def check_prompts(points: Sequence[Sequence[float]], labels: Sequence[int], box:
     lab = np.asarray(labels, np.int64) if len(points) else None
     arr = None
     if box is not None:
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                    for v in box):
-            raise DemoInputError(f"box {list(box)!r}: expected four finite numbers x0, y0, x1, y1")
+        if len(box) != 4 or not all(_finite(v) for v in box):
+            raise DemoInputError(f"box {_short(box)}: expected four finite numbers x0, y0, x1, y1")
         x0, y0, x1, y1 = box
         if x1 < x0 or y1 < y0:
             raise DemoInputError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}): needs x0 <= x1 and y0 <= y1")

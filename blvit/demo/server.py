@@ -1,9 +1,12 @@
 """The demo's local web page (``blvit-demo --serve``): a Flask app around one SAM model.
 
-Each image's embedding is computed once, when it is uploaded, and kept in a bounded LRU cache
-keyed by a hash of its pixels; a prompt then runs only the prompt encoder and mask decoder of
-``SamPredictor`` on the cached features. One lock guards the model and the predictor, so
-requests from several tabs never mix up images' embeddings.
+Each image's embedding is computed once, when it is uploaded, and kept in an LRU cache keyed by
+a hash of its pixels and bounded both in entries and in bytes (image + features); a prompt then
+runs only the prompt encoder and mask decoder of ``SamPredictor`` on the cached features. One
+lock guards the model and the predictor, so requests from several tabs never mix up images'
+embeddings. Memory stays bounded under load: an upload is limited in bytes (413), its header
+is checked against a pixel limit before anything is decoded (413), and at most
+``decode_workers`` uploads are decoded at once.
 
 API (JSON errors ``{"error": message}`` with a 4xx status on bad input; the server keeps serving):
 
@@ -12,7 +15,7 @@ API (JSON errors ``{"error": message}`` with a 4xx status on bad input; the serv
   for a bundled photograph -> ``{"image_id", "width", "height", "encoder_ms", "cached"}``.
 - ``GET /api/image/<image_id>.png``: the image as the model sees it (RGB).
 - ``POST /api/predict``: ``{"image_id", "points": [[x, y], ...], "labels": [1 | 0, ...],
-  "box": [x0, y0, x1, y1] | null, "multimask": false}`` in image pixels ->
+  "box": [x0, y0, x1, y1] | null, "multimask": false (a JSON boolean)}`` in image pixels ->
   ``{"mask": "data:image/png;base64,..." (RGBA, the image's size), "score", "scores",
   "segmentation" (COCO RLE), "area", "encoder_ms" (0: cached), "decoder_ms"}``.
 """
@@ -31,8 +34,8 @@ from typing import Any, Dict, Tuple
 import numpy as np
 from PIL import Image
 
-from .core import (SAMPLE_IMAGES, DemoInputError, check_prompts, decode_image, mask_png, mask_record, predict,
-                   sample_image)
+from .core import (SAMPLE_IMAGES, DemoInputError, ImageTooLarge, check_prompts, decode_image, mask_png, mask_record,
+                   predict, sample_image)
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -52,6 +55,11 @@ class ImageEntry:
     input_size: Tuple[int, int]
     encoder_ms: float
 
+    @property
+    def nbytes(self) -> int:
+        """What this entry holds in memory: the image and its embedding."""
+        return int(self.image.nbytes) + int(self.features.numel() * self.features.element_size())
+
 
 def image_key(image: np.ndarray) -> str:
     """Content hash of the decoded pixels (the same picture in two file formats is one entry)."""
@@ -62,18 +70,27 @@ def image_key(image: np.ndarray) -> str:
 
 
 class DemoService:
-    """The model, one ``SamPredictor``, and the LRU cache of image embeddings, behind one lock."""
+    """The model, one ``SamPredictor``, and the LRU cache of image embeddings, behind one lock.
 
-    def __init__(self, sam, info: Dict[str, Any], cache_size: int = 8) -> None:
+    The cache keeps at most ``cache_size`` images and at most ``cache_mb`` megabytes of images
+    plus embeddings (the newest entry is always kept, whatever its size).
+    """
+
+    def __init__(self, sam, info: Dict[str, Any], cache_size: int = 8, cache_mb: float = 1024.0) -> None:
         from segment_anything import SamPredictor
 
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
-        self.sam, self.info, self.cache_size = sam.eval(), dict(info), cache_size
+        if cache_mb <= 0:
+            raise ValueError(f"cache_mb must be positive, got {cache_mb}")
+        self.sam, self.info, self.cache_size, self.cache_bytes = sam.eval(), dict(info), cache_size, int(cache_mb * 2**20)
         self.predictor = SamPredictor(self.sam)
         self.cache: "OrderedDict[str, ImageEntry]" = OrderedDict()
         self.lock = threading.Lock()
         self.encodings = 0  # how many times the image encoder ran (tests, logs)
+
+    def cached_bytes(self) -> int:
+        return sum(e.nbytes for e in self.cache.values())
 
     def add_image(self, image: np.ndarray) -> Tuple[ImageEntry, bool]:
         """Encode an image (or find it in the cache): (entry, was it cached)."""
@@ -90,9 +107,10 @@ class DemoService:
             self.predictor.reset_image()
             self.encodings += 1
             self.cache[key] = entry
-            while len(self.cache) > self.cache_size:
+            while len(self.cache) > 1 and (len(self.cache) > self.cache_size or self.cached_bytes() > self.cache_bytes):
                 dropped, _ = self.cache.popitem(last=False)
-                logger.info("embedding cache full (%d): dropped image %s", self.cache_size, dropped)
+                logger.info("embedding cache full (%d images, %.0f MB): dropped image %s", self.cache_size,
+                            self.cache_bytes / 2**20, dropped)
             return entry, False
 
     def get(self, image_id: str) -> ImageEntry:
@@ -125,26 +143,41 @@ class DemoService:
                 "decoder_ms": decoder_ms}
 
 
-def _client_info(service: DemoService, max_upload_mb: float) -> Dict[str, Any]:
+def _client_info(service: DemoService, max_upload_mb: float, max_megapixels: float) -> Dict[str, Any]:
     info = {k: v for k, v in service.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
     return {"model": info, "random": bool(service.info.get("random")), "warning": service.info.get("warning"),
-            "max_upload_mb": max_upload_mb, "cache_size": service.cache_size, "samples": list(SAMPLE_IMAGES)}
+            "max_upload_mb": max_upload_mb, "max_megapixels": max_megapixels, "cache_size": service.cache_size,
+            "cache_mb": service.cache_bytes / 2**20, "samples": list(SAMPLE_IMAGES)}
 
 
-def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_size: int = 8):
-    """The Flask app for one model. ``app.extensions["blvit_demo"]`` is the :class:`DemoService`."""
+def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_size: int = 8,
+               max_megapixels: float = 36.0, cache_mb: float = 1024.0, decode_workers: int = 2):
+    """The Flask app for one model. ``app.extensions["blvit_demo"]`` is the :class:`DemoService`.
+
+    Limits: uploads of at most ``max_upload_mb`` bytes and ``max_megapixels`` pixels (413
+    otherwise), at most ``decode_workers`` decoded at once, and the embedding cache bounded by
+    ``cache_size`` images and ``cache_mb`` megabytes.
+    """
     from flask import Flask, jsonify, request, send_file, send_from_directory
     from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-    if max_upload_mb <= 0:
-        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    for name, value in (("max_upload_mb", max_upload_mb), ("max_megapixels", max_megapixels),
+                        ("decode_workers", decode_workers)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
-    service = DemoService(sam, info, cache_size)
+    service = DemoService(sam, info, cache_size, cache_mb)
     app.extensions[SERVICE_KEY] = service
+    max_pixels = int(max_megapixels * 1e6)
+    decoding = threading.BoundedSemaphore(decode_workers)  # decoded images are the big allocations
 
     def error(status: int, message: str):
         return jsonify({"error": message}), status
+
+    @app.errorhandler(ImageTooLarge)
+    def too_many_pixels(err: ImageTooLarge):
+        return error(413, str(err))
 
     @app.errorhandler(DemoInputError)
     def bad_input(err: DemoInputError):
@@ -174,19 +207,21 @@ def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_siz
 
     @app.get("/api/info")
     def api_info():
-        return jsonify(_client_info(service, max_upload_mb))
+        return jsonify(_client_info(service, max_upload_mb, max_megapixels))
 
     @app.post("/api/image")
     def api_image():
         upload = request.files.get("image")
         sample = request.values.get("sample")
-        if upload is not None and upload.filename != "":
-            image = decode_image(upload.read(), upload.filename or "upload")
-        elif sample:
-            image = sample_image(sample)
-        else:
-            raise DemoInputError("no image: send a file in the multipart field 'image' or sample=<name>")
-        entry, cached = service.add_image(image)
+        with decoding:
+            if upload is not None and upload.filename != "":
+                image = decode_image(upload.read(), upload.filename or "upload", max_pixels)
+            elif sample:
+                image = sample_image(sample)
+            else:
+                raise DemoInputError("no image: send a file in the multipart field 'image' or sample=<name>")
+            entry, cached = service.add_image(image)
+            del image  # the cache holds it now (or dropped it); the next decode may start
         height, width = entry.original_size
         return jsonify({"image_id": entry.image_id, "width": width, "height": height, "cached": cached,
                         "encoder_ms": 0.0 if cached else entry.encoder_ms, "first_encoder_ms": entry.encoder_ms,
@@ -216,7 +251,10 @@ def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_siz
             raise DemoInputError("labels: expected a list of 1 (positive) / 0 (negative)")
         if box is not None and not isinstance(box, list):
             raise DemoInputError("box: expected [x0, y0, x1, y1] or null")
-        return jsonify(service.predict(image_id, points, labels, box, bool(body.get("multimask", False))))
+        multimask = body.get("multimask", False)
+        if not isinstance(multimask, bool):
+            raise DemoInputError(f"multimask: expected true or false (a JSON boolean), got {multimask!r:.40}")
+        return jsonify(service.predict(image_id, points, labels, box, multimask))
 
     return app
 
@@ -238,10 +276,11 @@ def make_server(app, host: str = "127.0.0.1", port: int = 7860):
 
 
 def serve(sam, info: Dict[str, Any], host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0,
-          cache_size: int = 8) -> None:
+          cache_size: int = 8, max_megapixels: float = 36.0, cache_mb: float = 1024.0) -> None:
     """Serve the page until interrupted (Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(sam, info, max_upload_mb=max_upload_mb, cache_size=cache_size)
+    app = create_app(sam, info, max_upload_mb=max_upload_mb, cache_size=cache_size, max_megapixels=max_megapixels,
+                     cache_mb=cache_mb)
     if not is_loopback(host):
         logger.warning("listening on %s: the page is reachable from other machines; this demo server has no "
                        "authentication (use the default 127.0.0.1 to keep it local)", host)
