@@ -169,6 +169,12 @@ def test_probe_13_pixel_bomb_in_eval_and_demo_is_one_clear_error(tmp_path, monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match=f"{path}: image refused, too many pixels"):
         read_image(path)
+    # the demo's command line: one line, exit status 2 (blvit-eval skips such images: probe 16's test)
+    from blvit.demo.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--image", str(path), "--point", "5,5"])
+    assert stop.value.code == 2
 
 
 def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
