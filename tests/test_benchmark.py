@@ -1,7 +1,7 @@
 """blvit-bench runs on CPU (small shapes) and writes its JSON, table and plot."""
 import json
 
-from sam_adapter.benchmark import build_encoders, main
+from blvit_apps.sam_benchmark import build_encoders, main
 
 
 def test_bench_cpu_tiny(tmp_path):
@@ -27,7 +27,7 @@ def test_bench_encoders_share_the_stock_weights():
 def test_bench_attention_backends(tmp_path):
     import pytest
 
-    from sam_adapter.benchmark import expand_backends
+    from blvit_apps.sam_benchmark import expand_backends
 
     assert expand_backends(["vit_b", "dense_vit_b", "b+t@0.25/flex"], ["sdpa", "folded"]) == \
         ["vit_b", "dense_vit_b", "dense_vit_b/folded", "b+t@0.25/flex"]

@@ -69,7 +69,7 @@ def _finetune_on_box(image: np.ndarray, gt: np.ndarray, box: np.ndarray, steps: 
     import torch.nn.functional as F
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from blvit.demo.core import _quickstart_layout_random
+    from blvit_apps.demo.core import _quickstart_layout_random
 
     torch.manual_seed(0)
     sam, _ = _quickstart_layout_random()
@@ -120,7 +120,7 @@ def _finetune_on_box(image: np.ndarray, gt: np.ndarray, box: np.ndarray, steps: 
     (["--image", "MISSING.png"], "no such file"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -132,7 +132,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, m
 
 
 def test_cli_not_an_image_and_bad_checkpoint(capsys, tmp_path):
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
 
     text = tmp_path / "notes.png"
     text.write_text("this is not a picture")
@@ -155,7 +155,7 @@ def test_cli_not_an_image_and_bad_checkpoint(capsys, tmp_path):
 def test_cli_without_checkpoint_runs_random_model_loudly(capsys, tmp_path, monkeypatch):
     """No --checkpoint and no quick-start checkpoint: a random model of the quick-start layout,
     on the bundled photograph, with a loud warning, not a failure."""
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BLVIT_QUICKSTART_DIR", raising=False)
@@ -175,7 +175,7 @@ def test_cli_without_checkpoint_runs_random_model_loudly(capsys, tmp_path, monke
 def test_cli_checkpoint_model_routing_multimask_and_everything(tmp_path, capsys):
     """--model b+t with a toolkit checkpoint goes through eval.sam_eval.load_sam_model; --checkpoint
     alone through build_sam_from_checkpoint; negative points; --multimask; --everything."""
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
     from sam_adapter import save_blvit_sam_checkpoint
 
     ckpt = tmp_path / "tiny.pth"
@@ -224,7 +224,7 @@ def test_cli_quickstart_checkpoint_segments_the_prompted_object(tmp_path, monkey
         assert im.size[0] > 2.5 * im.size[1]  # mask panel and two routing panels
     print(f"overlay: {tmp_path / 'overlay.png'}")
     # BLVIT_QUICKSTART_DIR names the quick start's runs folder: found from any directory (in-process, faster)
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -272,7 +272,7 @@ def tiny_model():
 
 @pytest.fixture()
 def client_app(tiny_model):
-    from blvit.demo.server import create_app
+    from blvit_apps.demo.server import create_app
 
     app = create_app(*tiny_model, max_upload_mb=1, cache_size=2)
     return app.test_client(), app
@@ -350,7 +350,7 @@ def test_server_concurrent_images_keep_their_own_embeddings(tiny_model):
     is uploaded and prompted from other threads."""
     from segment_anything import SamPredictor
 
-    from blvit.demo.server import create_app
+    from blvit_apps.demo.server import create_app
 
     sam, info = tiny_model
     app = create_app(sam, info, cache_size=4)
@@ -421,7 +421,7 @@ def test_web_page_in_headless_chromium(tiny_model, tmp_path):
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
-    from blvit.demo.server import create_app, make_server
+    from blvit_apps.demo.server import create_app, make_server
 
     app = create_app(*tiny_model, max_upload_mb=1)
     server = make_server(app, "127.0.0.1", 0)

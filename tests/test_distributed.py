@@ -9,7 +9,7 @@ import pytest
 
 from blvit.data.synthetic import write_sa1b
 from blvit.train.config import load_config
-from blvit.train.sam_trainer import train
+from sam_adapter.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs/sam/quickstart.yaml")

@@ -10,7 +10,7 @@ import torch
 
 from blvit.data.make_synthetic import ensure_synthetic
 from blvit.train.config import load_config
-from blvit.train.sam_trainer import train
+from sam_adapter.trainer import train
 from eval.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,9 +40,9 @@ def test_probe_03_bad_keep_ratio_is_one_line_exit_2(tmp_path, keep):
 
 
 def test_probe_07_flops_cli_lists_choices_and_builds_stock_at_any_size():
-    out = _run("-m", "sam_adapter.flops_cli", "--variants", "foo")
+    out = _run("-m", "blvit_apps.flops_cli", "--variants", "foo")
     assert out.returncode == 2 and "invalid choice: 'foo'" in out.stderr and "'b+t'" in out.stderr
-    out = _run("-m", "sam_adapter.flops_cli", "--img-size", "256", "--variants", "b+t")
+    out = _run("-m", "blvit_apps.flops_cli", "--img-size", "256", "--variants", "b+t")
     assert out.returncode == 0, out.stderr
     assert "| SAM vit_b (segment_anything) | 34.5 |" in out.stdout
 
@@ -51,7 +51,7 @@ def test_probe_11_synthetic_and_quickstart_share_one_default():
     from blvit.data.make_synthetic import DEFAULT_TRAIN_IMAGES
 
     expected = f"(default: {DEFAULT_TRAIN_IMAGES})"
-    for module in ("blvit.data.make_synthetic", "sam_adapter.quickstart"):
+    for module in ("blvit.data.make_synthetic", "blvit_apps.quickstart"):
         out = _run("-m", module, "--help")
         assert out.returncode == 0 and expected in " ".join(out.stdout.split()), module
 
@@ -68,7 +68,7 @@ def test_probe_14_bad_yaml_override_and_options_after_overrides():
 
 def test_probe_02_quickstart_config_on_another_folder_trains_without_validation(tmp_path, caplog):
     from blvit.data.synthetic import write_sa1b
-    from blvit.train.sam_trainer import train
+    from sam_adapter.trainer import train
 
     write_sa1b(tmp_path / "mine", 4, seed=3)
     cfg = load_config(QUICK, [f"data.root={tmp_path / 'mine'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
@@ -81,7 +81,7 @@ def test_probe_02_quickstart_config_on_another_folder_trains_without_validation(
 
 def test_probe_12_a_folder_of_bad_samples_stops_with_a_clear_error(tmp_path):
     from blvit.data.synthetic import write_sa1b
-    from blvit.train.sam_trainer import train
+    from sam_adapter.trainer import train
 
     write_sa1b(tmp_path / "bad", 4, seed=3)
     for jpg in (tmp_path / "bad").glob("*.jpg"):
@@ -112,7 +112,7 @@ def test_probe_06_best_checkpoint_holds_weights_and_config_only(tmp_path):
     import torch
 
     from blvit.data.synthetic import write_sa1b
-    from blvit.train.sam_trainer import train
+    from sam_adapter.trainer import train
 
     write_sa1b(tmp_path / "data", 4, seed=3)
     cfg = load_config(QUICK, [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
@@ -170,7 +170,7 @@ def test_probe_13_pixel_bomb_in_eval_and_demo_is_one_clear_error(tmp_path, monke
     with pytest.raises(ValueError, match=f"{path}: image refused, too many pixels"):
         read_image(path)
     # the demo's command line: one line, exit status 2 (blvit-eval skips such images: probe 16's test)
-    from blvit.demo.cli import main
+    from blvit_apps.demo.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--image", str(path), "--point", "5,5"])
@@ -180,7 +180,7 @@ def test_probe_13_pixel_bomb_in_eval_and_demo_is_one_clear_error(tmp_path, monke
 def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
     import argparse
 
-    from blvit.demo.core import load_demo_model
+    from blvit_apps.demo.core import load_demo_model
     from eval.cli import build_parser
 
     parser = build_parser()
@@ -200,7 +200,7 @@ def test_probe_05_stale_temp_files_ctrl_c_and_redone_steps(tmp_path, monkeypatch
 
     from blvit.data.synthetic import write_sa1b
     from blvit.train import sam_trainer
-    from blvit.train.sam_trainer import train
+    from sam_adapter.trainer import train
 
     write_sa1b(tmp_path / "data", 8, seed=3)
     common = [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "data.val_root=null",
@@ -255,7 +255,7 @@ def test_probe_18_paths_outside_the_images_folder_and_file_modes(tmp_path):
 
 
 def test_probe_10_everything_that_keeps_nothing_says_which_threshold_dropped_what(tmp_path, monkeypatch, capsys):
-    from blvit.demo import cli
+    from blvit_apps.demo import cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BLVIT_QUICKSTART_DIR", raising=False)
@@ -361,7 +361,7 @@ def test_probe_17_demo_server_bounds_pixels_memory_and_decoding_and_refuses_bad_
     import numpy as np
     from PIL import Image
 
-    from blvit.demo import server as demo_server
+    from blvit_apps.demo import server as demo_server
     from sam_adapter import build_sam_blvit
 
     sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=64, embed_dim=32, depth=1, num_heads=2,

@@ -14,7 +14,7 @@ from segment_anything import SamPredictor
 
 from blvit.data.synthetic import write_instances, write_sa1b
 from blvit.train.config import load_config
-from blvit.train.sam_trainer import train
+from sam_adapter.trainer import train
 from eval.annotations import load_annotations
 from eval.baselines import filled_box
 from eval.cli import run as eval_run

@@ -472,7 +472,7 @@ def test_save_merge_map(tmp_path):
 
 
 def test_benchmark_tiny_cpu_run(tmp_path):
-    from blvit.tokens.benchmark import main
+    from blvit_apps.merging_benchmark import main
 
     status = main(["--models", "vim_tiny,deit_small", "--img-size", "64", "--batch", "1", "--repeats", "1",
                    "--warmup", "0", "--device", "cpu", "--r", "vim_tiny=1", "deit_small=4", "--out", str(tmp_path)])

@@ -9,7 +9,7 @@ import torch
 from blvit.data.sa1b import SA1BDataset, SampleError, find_samples
 from blvit.data.synthetic import write_sa1b
 from blvit.train.config import ConfigError, load_config
-from blvit.train.sam_trainer import train
+from sam_adapter.trainer import train
 
 QUICK = "configs/sam/quickstart.yaml"
 
@@ -139,7 +139,7 @@ def test_forward_intermediates_matches_forward():
 def test_intermediate_layer_distillation(sa1b_root, tmp_path):
     """A student equal to its teacher (keep ratio 1, gammas 0) has zero intermediate-layer loss;
     a different student a positive one; training logs and lowers it; bad settings are refused."""
-    from blvit.train.sam_trainer import SamTrainingModule, build_models
+    from sam_adapter.trainer import SamTrainingModule, build_models
 
     cfg = load_config(QUICK, ["model.keep_ratio=1.0", "loss.distill_layers=[1,2]", "loss.mask_weight=0"])
     student, teacher = build_models(cfg)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam_adapter.benchmark import main  # noqa: E402
+from blvit_apps.sam_benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """The README's main job (same as the ``blvit-quickstart`` command)."""
-from sam_adapter.quickstart import main
+from blvit_apps.quickstart import main
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     if cfg["task"] == "classify":
         from blvit.train.classification import train
     else:
-        from blvit.train.sam_trainer import train
+        from sam_adapter.trainer import train
 
     try:
         summary = train(cfg, resume=args.resume, strict=args.strict)

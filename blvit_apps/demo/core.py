@@ -45,7 +45,7 @@ def _quickstart_layout_random(keep_ratio: Optional[float] = None):
     """A randomly initialised model in the quick start's student layout (``configs/sam/quickstart.yaml``;
     small and fast on a CPU), or the full-size b+t where that file is not installed."""
     from sam_adapter.build import build_sam_blvit
-    from sam_adapter.quickstart import CONFIGS
+    from blvit_apps.quickstart import CONFIGS
 
     config = CONFIGS / "quickstart.yaml"
     if config.is_file():

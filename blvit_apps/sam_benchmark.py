@@ -27,9 +27,9 @@ from blvit.flops import module_macs_on_meta
 from blvit.layers import ATTENTION_BACKENDS, set_attention_backend
 from blvit.utils.io import atomic_write_text, load_checked
 
-from .build import build_sam_from_config, sam_from_encoder, stock_encoder
-from .checkpoint import _is_new_parameter
-from .config import DENSE_SOURCE, make_config
+from sam_adapter.build import build_sam_from_config, sam_from_encoder, stock_encoder
+from sam_adapter.checkpoint import _is_new_parameter
+from sam_adapter.config import DENSE_SOURCE, make_config
 
 DEFAULT_ENCODERS = ("vit_b", "dense_vit_b", "b+t@0.25", "b+t@0.5", "vit_h", "dense_vit_h", "h+b@0.25", "h+b@0.5")
 # dense bf16 tensor-core peak, TFLOP/s (spec sheets; SXM parts)

@@ -50,7 +50,7 @@ def _amp_dtype(name: str) -> Optional[torch.dtype]:
 
 def count_macs(model: nn.Module, img_size: int) -> Dict[str, int]:
     """Multiply-adds of one image: FlopCounterMode on meta copies + analytic selective scans."""
-    from ..mamba import vim_macs
+    from blvit.mamba import vim_macs
 
     return vim_macs(model, img_size=img_size, batch=1)
 
@@ -91,8 +91,8 @@ def _final_tokens(model: nn.Module, method: str, base_tokens: int) -> int:
 
 
 def _apply(model: nn.Module, method: str, r: int) -> None:
-    from .rmeeto import apply_rmeeto
-    from .tome import apply_tome
+    from blvit.tokens.rmeeto import apply_rmeeto
+    from blvit.tokens.tome import apply_tome
 
     if method == "rmeeto":
         apply_rmeeto(model, r=r)
@@ -101,8 +101,8 @@ def _apply(model: nn.Module, method: str, r: int) -> None:
 
 
 def _remove(model: nn.Module, method: str) -> None:
-    from .rmeeto import remove_rmeeto
-    from .tome import remove_tome
+    from blvit.tokens.rmeeto import remove_rmeeto
+    from blvit.tokens.tome import remove_tome
 
     (remove_rmeeto if method == "rmeeto" else remove_tome)(model)
 
@@ -217,7 +217,7 @@ def run(models: Sequence[str], batch: Optional[int] = None, img_size: int = 224,
     batch = batch or (128 if gpu else 8)
     repeats = repeats or (30 if gpu else 3)
     warmup = (10 if gpu else 1) if warmup is None else warmup
-    from ..mamba.selective_scan import _cuda_scan_fn
+    from blvit.mamba.selective_scan import _cuda_scan_fn
 
     backend = scan_backend or ("cuda" if gpu and _cuda_scan_fn() is not None else "torch")
     report: Dict[str, Any] = {

@@ -19,10 +19,10 @@ from blvit.data.sa1b import SA1BDataset, collate_skipping, find_samples, select_
 from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
-from .losses import distillation_loss, mask_iou
-from .sam_prompts import interactive_losses
-from .loop import Task, dist_info, run, seed_everything, uses_bf16
-from .teacher_cache import TeacherEmbeddingCache, build_cache
+from blvit.train.losses import distillation_loss, mask_iou
+from blvit.train.sam_prompts import interactive_losses
+from blvit.train.loop import Task, dist_info, run, seed_everything, uses_bf16
+from blvit.train.teacher_cache import TeacherEmbeddingCache, build_cache
 
 logger = logging.getLogger("blvit.train")
 

@@ -7,9 +7,9 @@ from typing import Dict, List, Sequence
 
 from blvit.flops import analytic_sam_encoder_macs, count_macs_on_meta
 
-from .build import stock_encoder
-from .config import DENSE_SOURCE, VARIANTS, make_config
-from .image_encoder import BigLittleImageEncoder
+from sam_adapter.build import stock_encoder
+from sam_adapter.config import DENSE_SOURCE, VARIANTS, make_config
+from sam_adapter.image_encoder import BigLittleImageEncoder
 
 
 def flops_rows(variants: Sequence[str] = ("b+t", "h+b"), keep_ratio: float = 0.25, img_size: int = 1024) -> List[Dict]:

@@ -24,7 +24,7 @@ from segment_anything import SamPredictor
 from blvit.data.make_synthetic import DEFAULT_TRAIN_IMAGES, ensure_synthetic
 from blvit.viz import save_overlay, selection_map
 
-from .build import build_sam_from_checkpoint
+from sam_adapter.build import build_sam_from_checkpoint
 from .flops_cli import flops_rows, markdown_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sam"
@@ -32,7 +32,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sam"
 
 def _train(config: Path, overrides: List[str]) -> Dict[str, Any]:
     from blvit.train.config import load_config
-    from blvit.train.sam_trainer import train
+    from sam_adapter.trainer import train
 
     cfg = load_config(config, overrides)
     # resume only what an earlier run left (a first run would otherwise warn that nothing is there)

@@ -1,0 +1,11 @@
+"""Applications: whole runs built from the libraries, one module per command.
+
+The packages are layered; each imports only what lies below it (``tests/test_layers.py`` walks
+the imports):
+
+1. ``blvit``: models, blocks, routing, token merging, Vision Mamba, data, the generic training loop;
+2. ``sam_adapter``: bLViT as SAM's image encoder (builders, checkpoints, the SAM trainer);
+3. ``eval``: zero-shot evaluation (COCO / LVIS / ImageNet) and its CLI;
+4. ``blvit_apps``: ``blvit-quickstart``, ``blvit-bench``, ``blvit-bench-merging``, ``blvit-flops``,
+   ``blvit-demo``.
+"""
