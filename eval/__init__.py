@@ -24,7 +24,7 @@ from .metrics import (
     mask_iou,
     summarize_miou,
 )
-from .prompts import box_prompt, clicks_to_arrays, distance_to_boundary, farthest_point, first_click, next_click
+from .prompts import Clicker, box_prompt, clicks_to_arrays, distance_to_boundary, farthest_point, first_click, next_click
 
 __all__ = [
     "AnnotationError",
@@ -38,6 +38,7 @@ __all__ = [
     "detect_kind",
     "distance_to_boundary",
     "evaluate_instances",
+    "Clicker",
     "farthest_point",
     "first_click",
     "image_path",

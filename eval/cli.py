@@ -90,7 +90,7 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
     sam, info, encoder = _model_and_encoder(args, device, amp)
     cache_dir = args.out.with_suffix(".cache")
     signature = _signature(args, {"prompt": args.prompt, "clicks": args.clicks if args.prompt == "point" else 1,
-                                  "oracle": args.oracle})
+                                  "oracle": args.oracle, "clicker": "ritm"})
     cache = PredictionCache(cache_dir / f"rank{rank}.jsonl", signature, args.fresh)
     vis_ids = set(image_ids[: args.vis])
     clicks = args.clicks if args.prompt == "point" else 1

@@ -1,23 +1,31 @@
 """Prompts for interactive-segmentation evaluation: simulated clicks and ground-truth boxes.
 
-The protocol of SAM's paper and RITM: the first click is the point farthest from the object's
-boundary; each further click goes to the point farthest from the boundary of the larger error
-region (missed pixels -> positive click, label 1; extra pixels -> negative click, label 0).
-The image border counts as boundary (the masks are padded with a zero border), so an object cut
-by the frame gets its click away from the frame too.
+Clicks follow RITM's released click simulator (``isegm/inference/clicker.py``, ``Clicker``),
+pixel for pixel, which is the protocol SAM's paper evaluates with:
+
+1. error regions: false negatives ``gt & ~pred`` and false positives ``pred & ~gt``; before the
+   first click the prediction is empty, so click 1 is the object pixel farthest from its
+   boundary;
+2. each region's exact Euclidean distance transform (``cv2.DIST_L2``, mask size 0), computed
+   with a one-pixel zero border, so the image frame counts as boundary;
+3. distances at pixels clicked before are zeroed: a pixel is never clicked twice;
+4. positive (label 1) if the false-negative maximum is strictly larger, otherwise negative (a tie,
+   0 == 0 included, gives a negative click);
+5. among the pixels at the maximum, the first in row-major order (``np.where(...)[0]``); when
+   both regions are empty or fully clicked every distance is 0 and, as in RITM, the click is a
+   negative one at pixel (0, 0).
+
+RITM thresholds probabilities at 0.49; SAM's masks are logits thresholded at 0 (the evaluation
+loop's choice).
 
 Points are (x, y) = (column, row) integer pixel indices, the order SAM's ``point_coords`` use.
 """
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from .annotations import xywh_to_xyxy
-
-# Distances within this relative margin of the maximum count as tied: cv2's exact Euclidean
-# transform is computed in float32, so sqrt(n) for equal n may differ in the last bits.
-_TIE_RTOL = 1e-6
 
 
 def _as_mask(mask: Any, name: str = "mask") -> np.ndarray:
@@ -35,41 +43,67 @@ def distance_to_boundary(mask: np.ndarray) -> np.ndarray:
     return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
 
 
-def _farthest(mask: np.ndarray) -> Optional[Tuple[int, int, float]]:
-    """(x, y, distance) of the farthest-from-boundary pixel of ``mask``; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, x0 = int(rows[0]), int(cols[0])
-    crop = mask[y0:rows[-1] + 1, x0:cols[-1] + 1]
-    dist = cv2.distanceTransform(np.pad(crop.astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    best = float(dist.max())
-    ties = np.argwhere(dist >= best * (1.0 - _TIE_RTOL))  # (K, 2) row, col in row-major order
-    if len(ties) > 1:
-        d2 = ((ties - ties.mean(axis=0)) ** 2).sum(axis=1)
-        ties = ties[np.argmin(d2):]  # argmin returns the first minimum: row-major tie-break
-    r, c = ties[0]
-    return int(x0 + c), int(y0 + r), best
+def _farthest(region: np.ndarray, not_clicked: Optional[np.ndarray] = None) -> Tuple[float, Optional[Tuple[int, int]]]:
+    """RITM's choice within one error region: (max distance, (x, y) of the first maximum in
+    row-major order), with distances at clicked pixels zeroed; (0.0, None) if nothing is left.
+
+    The transform runs on the whole padded image, as RITM's does: cv2's exact transform rounds
+    its float32 results differently at other offsets (a crop to the object moved 2 of 977 LVIS
+    first clicks to a neighbouring pixel), and a tie is decided on those last bits."""
+    if not region.any():
+        return 0.0, None
+    dist = cv2.distanceTransform(np.pad(region.astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    if not_clicked is not None:
+        dist = dist * not_clicked
+    best = dist.max()
+    if best == 0.0:
+        return 0.0, None
+    r, c = np.unravel_index(int(np.argmax(dist == best)), dist.shape)  # first maximum, row-major
+    return float(best), (int(c), int(r))
+
+
+class Clicker:
+    """RITM's click simulator for one object: it keeps the clicks made so far and never clicks
+    a pixel twice (see the module's docstring for the rules).
+
+    Args:
+        gt_mask: (H, W) bool ground truth of the object.
+    """
+
+    def __init__(self, gt_mask: np.ndarray) -> None:
+        self.gt = _as_mask(gt_mask, "gt_mask")
+        self.not_clicked = np.ones_like(self.gt)
+        self.clicks: List[Tuple[int, int, int]] = []
+
+    def next_click(self, pred_mask: Optional[np.ndarray] = None) -> Tuple[int, int, int]:
+        """(x, y, label) of the next click after prediction ``pred_mask`` ((H, W) bool; None or
+        all False before the first click), recorded in :attr:`clicks`."""
+        if pred_mask is None:
+            pred = np.zeros_like(self.gt)
+        else:
+            pred = _as_mask(pred_mask, "pred_mask")
+            if pred.shape != self.gt.shape:
+                raise ValueError(f"gt_mask {self.gt.shape} and pred_mask {pred.shape} differ in shape")
+        fn_max, fn_at = _farthest(self.gt & ~pred, self.not_clicked)
+        fp_max, fp_at = _farthest(pred & ~self.gt, self.not_clicked)
+        if fn_max > fp_max:
+            (x, y), label = fn_at, 1
+        else:
+            (x, y), label = (fp_at if fp_at is not None else (0, 0)), 0  # nothing left: RITM's (0, 0)
+        self.not_clicked[y, x] = False
+        self.clicks.append((x, y, label))
+        return x, y, label
 
 
 def farthest_point(mask: np.ndarray) -> Optional[Tuple[int, int]]:
-    """(x, y) of the mask pixel farthest from the mask's boundary, or None for an empty mask.
-
-    Works on the mask's bounding box plus a one-pixel zero border, which gives exactly the
-    full-image distances (every pixel outside the box is background, and the border pixel on
-    the way to it is nearer), so cost scales with the object, not the image.
-
-    Ties (a ridge of equally distant pixels, e.g. in a rectangle) are broken deterministically:
-    the tied pixel nearest to the tied pixels' mean, then the first in row-major order. This
-    lands in the middle of the ridge rather than at one end, and is always a mask pixel.
-    """
-    found = _farthest(_as_mask(mask))
-    return None if found is None else found[:2]
+    """(x, y) of the mask pixel farthest from the mask's boundary (the image frame counts as
+    boundary), the first in row-major order on a tie; None for an empty mask."""
+    return _farthest(_as_mask(mask))[1]
 
 
 def first_click(mask: np.ndarray) -> Tuple[int, int]:
-    """(x, y) of the first simulated click: the object pixel farthest from its boundary.
+    """(x, y) of the first simulated click: RITM's click on an empty prediction, the object pixel
+    farthest from its boundary (first in row-major order on a tie).
 
     Args:
         mask: (H, W) bool object mask (any multi-part, thin or 1-pixel object).
@@ -83,28 +117,17 @@ def first_click(mask: np.ndarray) -> Tuple[int, int]:
     return point
 
 
-def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray) -> Optional[Tuple[int, int, int]]:
-    """(x, y, label) of the next corrective click, or None if the prediction is exact.
-
-    Error regions: false negatives (gt & ~pred) and false positives (pred & ~gt). The larger
-    one, measured by its largest distance to its own boundary (the maximum of its distance
-    transform), gets the click, at that farthest point. Label 1 (positive) for a false-negative
-    region, 0 (negative) for a false-positive one. On an exact tie of the two maxima the click
-    is negative, as in RITM's reference implementation (``fn_max > fp_max`` -> positive).
-
-    Args:
-        gt_mask: (H, W) bool ground truth.
-        pred_mask: (H, W) bool prediction (threshold logits before calling).
+def next_click(gt_mask: np.ndarray, pred_mask: np.ndarray,
+               clicked: Iterable[Sequence[int]] = ()) -> Tuple[int, int, int]:
+    """(x, y, label) of the next corrective click by RITM's rules, given the clicks made before
+    (``clicked``: (x, y[, label]) each; those pixels are never clicked again). Label 1 (positive)
+    for a false-negative region, 0 (negative) for a false-positive one; see :class:`Clicker`
+    (which keeps the history itself) for the rules, including an exact prediction.
     """
-    gt, pred = _as_mask(gt_mask, "gt_mask"), _as_mask(pred_mask, "pred_mask")
-    if gt.shape != pred.shape:
-        raise ValueError(f"gt_mask {gt.shape} and pred_mask {pred.shape} differ in shape")
-    fn, fp = _farthest(gt & ~pred), _farthest(pred & ~gt)
-    if fn is None and fp is None:
-        return None
-    if fp is None or (fn is not None and fn[2] > fp[2]):
-        return fn[0], fn[1], 1
-    return fp[0], fp[1], 0
+    clicker = Clicker(gt_mask)
+    for click in clicked:
+        clicker.not_clicked[int(click[1]), int(click[0])] = False
+    return clicker.next_click(pred_mask)
 
 
 def box_prompt(ann: Mapping[str, Any]) -> np.ndarray:

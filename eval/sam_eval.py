@@ -25,7 +25,7 @@ from blvit.utils.io import atomic_write_text, read_checkpoint
 
 from .annotations import AnnotationSet, mask_to_rle, xywh_to_xyxy
 from .metrics import ResultsError, mask_iou
-from .prompts import box_problem, box_prompt, first_click, next_click
+from .prompts import Clicker, box_problem, box_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np
                 drawn["pred"][i] = masks[j, 0]
             drawn["boxes"] = boxes if drawn["boxes"] is None else np.concatenate([drawn["boxes"], boxes])
             continue
-        points = [[(*first_click(gts[i]), 1)] for i in part]
+        clickers = [Clicker(gts[i]) for i in part]  # RITM's: history kept, no pixel clicked twice
+        points = [[clicker.next_click()] for clicker in clickers]
         low = None
         for round_ in range(clicks):
             coords = np.array([[c[:2] for c in pts] for pts in points], np.float32)
@@ -244,8 +245,7 @@ def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np
                 records[i]["iou"].append(mask_iou(pred, gts[i]))
                 drawn["pred"][i] = pred
                 if round_ + 1 < clicks:
-                    nxt = next_click(gts[i], pred)
-                    points[j].append(nxt if nxt is not None else points[j][-1])  # no error left: repeat
+                    points[j].append(clickers[j].next_click(pred))
             low = low_all[torch.arange(len(part)), torch.as_tensor(chosen)].unsqueeze(1)
         for j, i in enumerate(part):
             drawn["points"][i] = points[j]

@@ -336,8 +336,8 @@ def test_first_click_geometry():
     square[5:16, 5:16] = True
     assert first_click(square) == (10, 10)
     rect = np.zeros((30, 60), bool)
-    rect[10:21, 5:46] = True  # a ridge along row 15: the middle of it, every time
-    assert first_click(rect) == (25, 15) == first_click(rect.copy())
+    rect[10:21, 5:46] = True  # a ridge along row 15: its first pixel in row-major order, as RITM
+    assert first_click(rect) == (10, 15) == first_click(rect.copy())
     dot = np.zeros((5, 5), bool)
     dot[4, 0] = True  # one pixel in the corner
     assert first_click(dot) == (0, 4)
@@ -356,7 +356,7 @@ def test_next_click_on_fixture_objects(lvis_gt, lvis_masks):
     objects = [lvis_masks[a["id"]] for a in lvis_gt.annotations if a["area"] >= 32 ** 2]
     assert len(objects) > 100
     for gt in objects:
-        assert next_click(gt, gt) is None
+        assert next_click(gt, gt) == (0, 0, 0)  # nothing left to correct: RITM clicks (0, 0), negative
         # prediction missing the left part of the object -> positive click in the missed part
         cols = np.nonzero(gt)[1]
         pred = gt.copy()
@@ -382,6 +382,56 @@ def test_next_click_on_fixture_objects(lvis_gt, lvis_masks):
     assert label == 0 and 70 <= x < 95 and 70 <= y < 95
     coords, labels = clicks_to_arrays([first_click(gt), (x, y, label)])
     assert coords.shape == (2, 2) and labels.tolist() == [1, 0]
+
+
+def _ritm_click(gt: np.ndarray, pred: np.ndarray, not_clicked: np.ndarray):
+    """A transcription of RITM's ``Clicker._get_next_click`` (isegm/inference/clicker.py,
+    padding=True, no ignore label), on the full image: (x, y, label)."""
+    fn = np.pad(np.logical_and(gt, np.logical_not(pred)), ((1, 1), (1, 1)), "constant")
+    fp = np.pad(np.logical_and(np.logical_not(gt), pred), ((1, 1), (1, 1)), "constant")
+    fn_dt = cv2.distanceTransform(fn.astype(np.uint8), cv2.DIST_L2, 0)[1:-1, 1:-1] * not_clicked
+    fp_dt = cv2.distanceTransform(fp.astype(np.uint8), cv2.DIST_L2, 0)[1:-1, 1:-1] * not_clicked
+    fn_max, fp_max = np.max(fn_dt), np.max(fp_dt)
+    positive = fn_max > fp_max
+    ys, xs = np.where(fn_dt == fn_max) if positive else np.where(fp_dt == fp_max)
+    return int(xs[0]), int(ys[0]), int(positive)
+
+
+def _wrong_predictions(gt: np.ndarray):
+    """A fixed sequence of four wrong predictions after clicks 1-4 (click 1 sees an empty one)."""
+    empty = np.zeros_like(gt)
+    shifted = np.roll(gt, (3, 5), axis=(0, 1))
+    cols = np.nonzero(gt)[1]
+    half = gt.copy()
+    half[:, : int(np.median(cols))] = False
+    grown = cv2.dilate(gt.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    return [empty, empty, shifted, half, grown]
+
+
+@needs_fixture
+def test_clicks_are_ritm_pixels_on_the_lvis_fixture(lvis_gt, lvis_masks):
+    """Clicks 1-5 land on RITM's pixel, for every fixture object, never twice on one pixel; the
+    second prediction is empty again (RITM's history moves click 2 off click 1)."""
+    from eval.prompts import Clicker
+
+    checked = moved = 0
+    for a in lvis_gt.annotations[::4]:  # a quarter of the 977 objects keeps the test under 10 s
+        gt = lvis_masks[a["id"]]
+        if not gt.any():
+            continue
+        clicker, not_clicked, ours, ritm = Clicker(gt), np.ones_like(gt), [], []
+        for pred in _wrong_predictions(gt):
+            ours.append(clicker.next_click(pred))
+            x, y, label = _ritm_click(gt, pred, not_clicked)
+            not_clicked[y, x] = False
+            ritm.append((x, y, label))
+        assert ours == ritm, (a["id"], ours, ritm)
+        assert len({c[:2] for c in ours}) == 5, (a["id"], ours)
+        assert ours[0][:2] == first_click(gt) and ours[0][2] == 1
+        assert next_click(gt, np.zeros_like(gt), clicked=[ours[0]]) == ours[1]
+        checked += 1
+        moved += ours[1][:2] != ours[0][:2]
+    assert checked > 230 and moved == checked
 
 
 # ---------------------------------------------------------------------------------------------
