@@ -145,7 +145,8 @@ def benchmark_model(name: str, batch: int, img_size: int, repeats: int, warmup: 
     settings: Dict[str, Any] = {"r": r}
     if spec["method"] == "rmeeto":
         settings.update(layers=list(model.token_merge.layers) if model.token_merge is not None else
-                        list(range(2, len(model.layers) - 1, 2)), order="restore", metric="hidden")
+                        list(range(2, len(model.layers) - 1, 2)), order="restore", metric="hidden",
+                        compare=model.token_merge.compare if model.token_merge is not None else None)
     else:
         settings.update(prop_attn=True)
     out = {

@@ -123,7 +123,7 @@ def _weighted_mean(x, size):
     return (x.double() * size.double()).sum(1) / size.double().sum(1)
 
 
-@pytest.mark.parametrize("order,protected", [("tome", 0), ("tome", 1), ("tome", 2), ("restore", 0), ("shuffled", 0)])
+@pytest.mark.parametrize("order,protected", [("tome", 0), ("tome", 1), ("tome", 2), ("restore", 0), ("unordered", 0)])
 def test_merge_wavg_preserves_the_size_weighted_mean(order, protected):
     """sum(size * token) / sum(size) over the tokens is unchanged by a merge step (any r up to the cap,
     arbitrary positive sizes as after earlier merges, every output order), and so is sum(size)."""
@@ -284,15 +284,30 @@ def _cut_cls(x, pos):
     return torch.cat([x[:, :pos], x[:, pos + 1:]], dim=1)
 
 
-@pytest.mark.parametrize("name,r,final_tokens,final_cls", [
-    ("vim_small_patch16_224", 11, 76, 34),  # the paper: Vim-S/B 197 -> 76 tokens (ratio 0.31)
-    ("vim_tiny_patch16_224", 5, 142, 65),  # Vim-Ti 197 -> 142 (ratio 0.14)
+def _schedule(r, last=None):
+    """Tokens entering each of Vim's 24 blocks: r merged at blocks 2, 4, ..., 22; ``last``: the
+    count after block 22's merge instead (the released --compare override)."""
+    counts = [197 - r * (i // 2) if i >= 2 else 197 for i in range(24)]
+    if last is not None:
+        counts[22:] = [last, last]
+    return counts
+
+
+@pytest.mark.parametrize("name,r,compare,counts,final_cls", [
+    # Vim-S/B, r = 11: 197 -> 76 tokens (ratio 0.31); the released override changes nothing
+    ("vim_small_patch16_224", 11, "released", _schedule(11), 34),
+    # Vim-Ti, r = 5, the released scripts (--compare left at 11): 197 -> ... -> 147 -> 76 at block 22
+    ("vim_tiny_patch16_224", 5, "released", _schedule(5, last=76), 35),
+    # Vim-Ti, the paper's text (compare None): 197 -> 142 (ratio 0.14)
+    ("vim_tiny_patch16_224", 5, None, _schedule(5), 65),
 ])
-def test_rmeeto_paper_settings_on_full_size_vim(monkeypatch, name, r, final_tokens, final_cls):
-    """R-MeeTo with the paper's defaults (r = 11 for Vim-S, 5 for Vim-Ti, merges at blocks 2, 4,
-    ..., 22) on a full-size model at 224: the token counts after the last merge, the class token
-    carried unchanged to its tracked position at every merge, the patch order restored, and the
-    size-weighted mean of the patch tokens (hidden states and residual stream) kept by every merge."""
+def test_rmeeto_schedules_on_full_size_vim(monkeypatch, name, r, compare, counts, final_cls):
+    """R-MeeTo's schedules (r = 11 for Vim-S, 5 for Vim-Ti, merges at blocks 2, 4, ..., 22; the
+    released code's and the paper's for Vim-Ti) on a full-size model at 224: the tokens entering
+    every block, the class token carried unchanged to its tracked position at every merge, the
+    patch order restored, and the size-weighted mean of the patch tokens (hidden states and
+    residual stream) kept by every merge."""
+    final_tokens = counts[-1]
     import timm
     from blvit.tokens import rmeeto
 
@@ -308,7 +323,7 @@ def test_rmeeto_paper_settings_on_full_size_vim(monkeypatch, name, r, final_toke
 
     real_matching = rmeeto.bipartite_soft_matching
     monkeypatch.setattr(rmeeto, "bipartite_soft_matching", recording_matching)
-    apply_rmeeto(model, trace_source=True)  # r and layers: the paper's defaults
+    apply_rmeeto(model, trace_source=True, compare=compare)  # r and layers: the defaults
     merge = model.token_merge
     assert merge.layers == list(range(2, 23, 2)) and merge.r == r
     merges = []
@@ -318,7 +333,9 @@ def test_rmeeto_paper_settings_on_full_size_vim(monkeypatch, name, r, final_toke
         out_hidden, out_residual, out_pos = merge(layer, hidden, residual, pos)
         if out_hidden.shape[1] < hidden.shape[1]:
             t = hidden.shape[1]
-            assert out_pos == pos * (t - r) // t  # int(pos * (t - r) / t)
+            merged = t - out_hidden.shape[1]
+            assert merged == r or (layer == 22 and compare is not None)
+            assert out_pos == pos * (t - merged) // t  # int(pos * (t - r) / t)
             assert torch.equal(out_hidden[:, out_pos], hidden[:, pos])  # the class token, untouched
             assert torch.equal(out_residual[:, out_pos], residual[:, pos])
             ones = torch.ones(1, t - 1, 1)
@@ -334,10 +351,8 @@ def test_rmeeto_paper_settings_on_full_size_vim(monkeypatch, name, r, final_toke
     with torch.no_grad():
         out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000)
-    assert merges == [(layer, 197 - r * (i + 1)) for i, layer in enumerate(range(2, 23, 2))]
-    assert merges[-1] == (22, final_tokens)
-    assert merge.token_counts == [197 - r * ((i // 2) if i >= 2 else 0) for i in range(24)]
-    assert merge.token_counts[22:] == [final_tokens, final_tokens]
+    assert merges == [(layer, counts[layer]) for layer in range(2, 23, 2)]
+    assert merge.token_counts == counts
     assert merge.cls_positions[-1] == final_cls and model.token_position == final_cls
     # patch order restored: every merge keeps the surviving tokens in increasing input position,
     # so the final tokens are in raster order of their representative patches...
@@ -375,14 +390,56 @@ def test_rmeeto_merges_hidden_and_residual_identically():
     torch.testing.assert_close(torch.cat([h[:, :6], h[:, 7:]], 1), expected)
 
 
-def test_rmeeto_shuffled_order_differs():
+def test_rmeeto_unordered_order_differs():
+    """The no-order ablation: ToMe's [unmerged A, B] order; the class token at int(pos * (t1 - r) / t1)."""
     model = _tiny_vim()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        restored = apply_rmeeto(model, r=3, layers=[1]).forward(x)
-        shuffled = apply_rmeeto(model, r=3, layers=[1], order="shuffled").forward(x)
+        restored = apply_rmeeto(model, r=3, layers=[1], compare=None).forward(x)
+        unordered = apply_rmeeto(model, r=3, layers=[1], order="unordered", compare=None).forward(x)
     assert model.token_merge.token_counts == [17, 14, 14, 14]
+    t1 = 17 // 2  # A tokens of the 16 patch tokens
+    assert model.token_merge.cls_positions == [8] + [8 * (t1 - 3) // t1] * 3 == [8, 5, 5, 5]
+    assert not torch.allclose(restored, unordered)
+
+
+def test_rmeeto_shuffle_ablation_is_the_released_partial_permutation():
+    """order="shuffled": at each merge block floor(rate * patches) random patch positions are
+    permuted among themselves (hidden, residual, sizes alike), the class token stays, then the
+    restored-order merge; the schedule is the paper's (the released shuffle model has no compare)."""
+    from blvit.tokens.rmeeto import RMeeToMerge
+
+    hidden = torch.arange(17.0)[None, :, None].expand(1, 17, 4).clone()  # token i carries i
+    residual = hidden + 100
+    merge = RMeeToMerge(r=0, layers=[0], order="shuffled", shuffle_rate=0.5)
+    torch.manual_seed(3)
+    h, res, pos = merge(0, hidden, residual, 8)
+    assert pos == 8 and h[0, 8, 0] == 8 and res[0, 8, 0] == 108  # the class token stays put
+    ids = torch.cat([h[0, :8, 0], h[0, 9:, 0]]).long()
+    moved = (ids != torch.tensor([i for i in range(17) if i != 8])).sum().item()
+    assert sorted(ids.tolist()) == [i for i in range(17) if i != 8]  # a permutation of the patches
+    assert 2 <= moved <= int(16 * 0.5)  # at most floor(rate * 16) positions move
+    torch.testing.assert_close(res, h + 100)  # the residual moved with the hidden states
+    # the same draw as the released code: randperm(n)[:k], then randperm(k), from the global generator
+    torch.manual_seed(3)
+    chosen = torch.randperm(16)[:8]
+    perm = torch.randperm(8)
+    expected = torch.tensor([i for i in range(17) if i != 8])
+    expected[chosen] = expected[chosen[perm]]
+    assert torch.equal(ids, expected)
+    # on a model: the paper's token schedule and class positions, different outputs from restore
+    model = _tiny_vim()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        restored = apply_rmeeto(model, r=3, layers=[1, 2]).forward(x)
+        counts_restore = list(model.token_merge.token_counts)
+        torch.manual_seed(0)
+        shuffled = apply_rmeeto(model, r=3, layers=[1, 2], order="shuffled", shuffle_rate=0.5).forward(x)
+    assert model.token_merge.compare is None and model.token_merge.token_counts == [17, 14, 11, 11]
+    assert counts_restore == [17, 14, 11, 11]  # not the released layout: the paper's schedule by default
     assert not torch.allclose(restored, shuffled)
+    with pytest.raises(ValueError, match="shuffle_rate=0.3 needs order='shuffled'"):
+        RMeeToMerge(r=1, shuffle_rate=0.3)
 
 
 def test_merging_reduces_flops():
@@ -403,7 +460,7 @@ def test_bad_merging_settings_raise_clear_errors():
     # unknown metric / order
     with pytest.raises(ValueError, match="metric must be 'hidden' or 'residual', got 'keys'"):
         apply_rmeeto(vim, r=2, metric="keys")
-    with pytest.raises(ValueError, match="order must be 'restore' or 'shuffled', got 'tome'"):
+    with pytest.raises(ValueError, match="order must be one of 'restore', 'unordered', 'shuffled', got 'tome'"):
         apply_rmeeto(vim, r=2, order="tome")
     # unknown schedule forms: R-MeeTo takes an int or one int per merge layer
     for bad in ("5", 2.5, (5, -0.5), [2, 1.5], -1, True, {"r": 2}):

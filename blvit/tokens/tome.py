@@ -147,12 +147,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0,
             never merged and nothing merges into them.
         order: ``"tome"``: ToMe's output order ``[unmerged A (in position order), B]``, with the
             protected tokens moved to the front; ``"restore"``: surviving tokens in their input
-            order; ``"shuffled"``: ``[unmerged A in order of decreasing best score, B]`` (ToMe's
-            order without a class token: the "odd-even shuffle" of R-MeeTo's ablation). With
-            ``protected == 0``, "tome" and "shuffled" are the same.
+            order; ``"unordered"``: ``[unmerged A in order of decreasing best score, B]`` (ToMe's
+            order without a class token; R-MeeTo's merge without ``--if_order``, the README's
+            "odd-even shuffle"). With ``protected == 0``, "tome" and "unordered" are the same.
     """
-    if order not in ("tome", "restore", "shuffled"):
-        raise ValueError(f"order must be 'tome', 'restore' or 'shuffled', got {order!r}")
+    if order not in ("tome", "restore", "unordered"):
+        raise ValueError(f"order must be 'tome', 'restore' or 'unordered', got {order!r}")
     t = metric.shape[1]
     r = min(int(r), (t - protected) // 2)
     if r <= 0:

@@ -54,7 +54,9 @@ def create_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optio
             raise CheckpointError(f"{checkpoint}: cannot be loaded into {name!r}: {err}") from err
     model = timm.create_model(name, **extra)
     if ours:
-        apply_merging(model, obj.get("merge") or {})
+        merge = dict(obj.get("merge") or {})
+        merge.setdefault("compare", None)  # written before the released R-MeeTo schedule existed: the paper's
+        apply_merging(model, merge)
         missing, unexpected = model.load_state_dict(obj["model"], strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{checkpoint}: does not fit {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -74,7 +76,8 @@ def apply_merging(model: nn.Module, merge: Dict[str, Any]) -> nn.Module:
     elif method == "rmeeto":
         from blvit.tokens.rmeeto import apply_rmeeto
 
-        kwargs = {"r": merge["r"], "order": merge.get("order", "restore")}
+        kwargs = {"r": merge["r"], "order": merge.get("order", "restore"), "compare": merge.get("compare", "released"),
+                  "shuffle_rate": merge.get("shuffle_rate", 0.0)}
         if merge.get("layers") is not None:
             kwargs["layers"] = merge["layers"]
         apply_rmeeto(model, **kwargs)

@@ -106,7 +106,11 @@ CLASSIFY_DEFAULTS: Dict[str, Any] = {
         "kwargs": {},  # passed to timm.create_model (keep_ratio, img_size, num_classes, ...)
         "dense_checkpoint": None,  # DeiT file initialising a bLViT / EViT model's dense weights
         "checkpoint": None,  # timm's checkpoint_path: a checkpoint of this toolkit or the model's own file
-        "merge": {"method": "none", "r": 0, "layers": None, "order": "restore"},  # none | tome | rmeeto; r: int or per-layer list
+        # none | tome | rmeeto; r: int or per-layer list; rmeeto: order restore | unordered | shuffled (+ shuffle_rate),
+        # compare: "released" (11 for restore / unordered: Vim-Ti 197 -> 76 at block 22), an int, or null (the paper's
+        # 197 -> 142); see blvit.tokens.rmeeto
+        "merge": {"method": "none", "r": 0, "layers": None, "order": "restore", "compare": "released",
+                  "shuffle_rate": 0.0},
     },
     "teacher": {
         "name": None,  # None: no distillation; e.g. deit_base_patch16_224
