@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..flops import module_macs_on_meta, timm_model_on_meta
 from ..utils.io import CheckpointError, PathLike, check_state_dict, listing, read_checkpoint
+from ..models.features import TakenTokens, feature_info, format_intermediates, intermediates_result, take_indices
 from .selective_scan import BACKENDS, causal_conv1d, count_scan_macs, selective_scan
 
 logger = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_epsilon)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = feature_info(depth, embed_dim, stride or patch_size, "layers")
         self.init_weights()
 
     # -- initialisation (the reference's segm_init_weights + mamba's _init_weights) -------------
@@ -338,20 +340,69 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :pos], cls, x[:, pos:]], dim=1)
         return self.pos_drop(x + self.pos_embed), pos
 
-    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """Normalised output tokens (B, T, C) and the class token's index among them."""
+    def _layers_taking(self, x: torch.Tensor, take: Sequence[int] = (), stop: int = -1, norm: bool = False):
+        """Layers 0..``stop`` (-1: all): (hidden, residual, class index after the last, the taken
+        layers' tokens (B, T, C): the residual stream ``residual + hidden``, through ``norm_f`` if
+        ``norm``, with the class index, and the first layer whose tokens are merged or None)."""
         hidden, pos = self.embed(x)
         residual = None
         merge = self.token_merge
+        taken: List[TakenTokens] = []
+        merged_from: Optional[int] = None
         for i, layer in enumerate(self.layers):
+            if stop >= 0 and i > stop:
+                break
             if merge is not None:
+                before = hidden.shape[1]
                 hidden, residual, pos = merge(i, hidden, residual, pos)
+                if merged_from is None and hidden.shape[1] != before:
+                    merged_from = i
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual)
+            if i in take:
+                tokens = self.norm_f(hidden, residual) if norm else (hidden if residual is None else residual + hidden)
+                taken.append((tokens, pos, None))
+        return hidden, residual, pos, taken, merged_from
+
+    def forward_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """Normalised output tokens (B, T, C) and the class token's index among them."""
+        hidden, residual, pos, _, _ = self._layers_taking(x)
         hidden = self.norm_f(self.drop_path(hidden), residual)
         return hidden, pos
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``: the residual stream after layers ``indices`` (an int:
+        the last that many; None: all), class token cut out, as (B, C, H, W) (``"NCHW"``) or
+        (B, T - 1, C) (``"NLC"``); ``norm``: through ``norm_f``. After an R-MeeTo merge the
+        tokens have no patch grid: NCHW raises there (see :mod:`blvit.models.features`)."""
+        take, max_index = take_indices(len(self.layers), indices)
+        stop = max_index if (stop_early or intermediates_only) else -1
+        hidden, residual, pos, taken, merged_from = self._layers_taking(x, take, stop, norm)
+        features, prefixes = format_intermediates(taken, self.patch_embed.grid_size, output_fmt, merged_from, take)
+        final = self.norm_f(self.drop_path(hidden), residual)
+        self.token_position = pos
+        return intermediates_result(final, features, prefixes, return_prefix_tokens, intermediates_only)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the layers after the last wanted one (and the head): what ``features_only=True``
+        keeps. ``norm_f`` stays (it also adds the residual stream); ``prune_norm`` is accepted."""
+        take, max_index = take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens (B, T, C); the class token's index is left in ``self.token_position``."""
@@ -567,7 +618,7 @@ def _create_vim(name: str, pretrained: bool = False, **kwargs: Any) -> VisionMam
                          f"checkpoint_path=<{_CHECKPOINTS[name]}> (hustvl/Vim releases)")
     args = dict(VARIANTS[name], **kwargs)
     return build_model_with_cfg(VisionMamba, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
-                                **args)
+                                feature_cfg=dict(out_indices=args.pop("out_indices", 3), feature_cls="getter"), **args)
 
 
 @register_model

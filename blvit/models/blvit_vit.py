@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from .. import flops as _flops
+from .features import TakenTokens, feature_info, format_intermediates, intermediates_result, take_indices
 from ..blocks import layout_block
 from ..layout import layout_problems, variant_config
 from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
@@ -179,9 +180,53 @@ class ClassTokenViT(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed
 
+    def _blocks_taking(self, x: torch.Tensor, take: Sequence[int], stop: int) -> Tuple[torch.Tensor, List[TakenTokens]]:
+        """Run blocks 0..``stop`` on embedded tokens ``x`` (B, 1 + N, C): (the tokens after block
+        ``stop``, the tokens after each block in ``take`` with their patch positions)."""
+        raise NotImplementedError
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, 1 + N', C) normalised tokens, class token first."""
-        raise NotImplementedError
+        x, _ = self._blocks_taking(self._embed(x), (), len(self.blocks) - 1)
+        return self.norm(x)
+
+    def _set_feature_info(self, patch_size: int) -> None:
+        self.feature_info = feature_info(len(self.blocks), self.embed_dim, patch_size, "blocks")
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``: the outputs of blocks ``indices`` (an int: the last
+        that many; None: all) as (B, C, H, W) on the patch grid (``output_fmt="NCHW"``; tokens a
+        model dropped are zero there, see :mod:`blvit.models.features`) or (B, L - 1, C) image
+        tokens ("NLC"); ``norm``: through the final norm. Returns the list
+        (``intermediates_only``) or (final normalised tokens, list)."""
+        take, max_index = take_indices(len(self.blocks), indices)
+        stop = max_index if (stop_early or intermediates_only) else len(self.blocks) - 1
+        x, taken = self._blocks_taking(self._embed(x), take, stop)
+        if norm:
+            taken = [(self.norm(t), c, p) for t, c, p in taken]
+        features, prefixes = format_intermediates(taken, self.patch_embed.grid_size, output_fmt, indices=take)
+        return intermediates_result(self.norm(x), features, prefixes, return_prefix_tokens, intermediates_only)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last wanted one (and the norm / head): what
+        ``features_only=True`` keeps. Returns the wanted block indices."""
+        take, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, L, C) tokens -> (B, num_classes) logits, or (B, C) pooled features."""
@@ -354,6 +399,7 @@ class BigLittleViT(ClassTokenViT):
                       qkv_bias=config.qkv_bias)
         self.blocks = nn.ModuleList(layout_block(config, i, **common) for i in range(config.depth))
         self.predictors = nn.ModuleDict({str(i): TokenPredictor(config.embed_dim) for i in config.predictor_layers})
+        self._set_feature_info(config.patch_size)
         self._init_head(config.num_classes, config.drop_rate)
         depth = max(1, config.depth - 1)
         self.layer_drop_rates = [config.drop_path_rate * i / depth for i in range(config.depth)]
@@ -386,11 +432,19 @@ class BigLittleViT(ClassTokenViT):
         Each ``TokenSelection.flat_index`` is (B, K) positions in the (1 + N)-token sequence,
         K = ``config.num_selected``, the class token (position 0) always among them.
         """
-        cfg = self.config
-        x = self._embed(x)  # (B, 1 + N, C)
-        selection: Optional[TokenSelection] = None
         selections: Dict[int, TokenSelection] = {}
+        x, _ = self._run_blocks(self._embed(x), (), len(self.blocks) - 1, selections)
+        return self.norm(x), selections
+
+    def _run_blocks(self, x: torch.Tensor, take: Sequence[int], stop: int,
+                    selections: Dict[int, TokenSelection]) -> Tuple[torch.Tensor, List[TakenTokens]]:
+        """Blocks 0..``stop`` on (B, 1 + N, C) tokens; no token is dropped, so all stay in place."""
+        cfg = self.config
+        selection: Optional[TokenSelection] = None
+        taken: List[TakenTokens] = []
         for i, block in enumerate(self.blocks):
+            if i > stop:
+                break
             if str(i) in self.predictors:
                 logits = self.predictors[str(i)](x)  # (B, 1 + N)
                 selection = select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, cfg.router_score)
@@ -400,14 +454,16 @@ class BigLittleViT(ClassTokenViT):
             else:
                 out = block(x, None, selection)
             x = drop_layer(x, out, self.layer_drop_rates[i], self.training)
-        return self.norm(x), selections
+            if i in take:
+                taken.append((x, 0, None))
+        return x, taken
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, 1 + N, C) normalised tokens, class token first."""
-        x, selections = self.forward_features_with_selections(x)
+    def _blocks_taking(self, x: torch.Tensor, take: Sequence[int], stop: int) -> Tuple[torch.Tensor, List[TakenTokens]]:
+        selections: Dict[int, TokenSelection] = {}
+        x, taken = self._run_blocks(x, take, stop, selections)
         if self.record_selections:
             self.last_selections = selections
-        return x
+        return x, taken
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Strict loading of a dense DeiT state dict gets a pointer to ``dense_checkpoint=``."""
@@ -678,8 +734,10 @@ def create_deit_variant(cls: type, name: str, source: str, pretrained: bool = Fa
     dense_checkpoint = kwargs.pop("dense_checkpoint", None)
     if pretrained:
         raise ValueError(f"no pretrained weights are published for {name}; pass dense_checkpoint=<{source} .pth>")
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViTs
     model = build_model_with_cfg(
-        cls, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **dict(DEIT_ARCHS[source], **kwargs)
+        cls, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **dict(DEIT_ARCHS[source], **kwargs)
     )
     if dense_checkpoint is not None:
         load_dense_checkpoint(model, dense_checkpoint, source)
@@ -704,8 +762,10 @@ def _create_blvit(name: str, variant: str, pretrained: bool = False, **kwargs: A
             f"no pretrained weights are published for {name}; initialise it from DeiT with "
             f"dense_checkpoint=<{DENSE_SOURCE[variant]} .pth>, or load a bLViT checkpoint with checkpoint_path="
         )
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViTs
     model = build_model_with_cfg(
-        partial(_build, variant), name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        partial(_build, variant), name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs
     )
     if dense_checkpoint is not None:
         load_dense_checkpoint(model, dense_checkpoint, DENSE_SOURCE[variant])

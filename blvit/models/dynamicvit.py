@@ -19,7 +19,7 @@ At keep_ratio 1.0 no token is pruned and the model is DeiT (same weights, same l
 use ``blvit.blocks.DenseBlock`` names, so DeiT checkpoints load through
 :func:`blvit.models.blvit_vit.checkpoint_filter_fn`; only ``predictors.*`` are new.
 """
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..blocks import DenseBlock
 from .blvit_vit import ClassTokenViT, _cfg, create_deit_variant
+from .features import TakenTokens
 
 __all__ = ["DynamicViT", "PruningPredictor", "dynamicvit_kept_tokens"]
 
@@ -118,6 +119,7 @@ class DynamicViT(ClassTokenViT):
         self.prune_layers = tuple(sorted(int(i) for i in prune_layers))
         self.blocks = nn.ModuleList(DenseBlock(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.predictors = nn.ModuleDict({str(i): PruningPredictor(embed_dim) for i in self.prune_layers})
+        self._set_feature_info(patch_size)
         self._init_head(num_classes, drop_rate)
         self.init_weights()
         self._keep_fractions: List[torch.Tensor] = []
@@ -145,9 +147,14 @@ class DynamicViT(ClassTokenViT):
         terms = [(f.mean() - self.keep_ratio ** (s + 1)) ** 2 for s, f in enumerate(self._keep_fractions)]
         return torch.stack(terms).mean()
 
-    def _forward_pruned(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_pruned(self, x: torch.Tensor, take: Sequence[int] = (), stop: int = -1
+                        ) -> Tuple[torch.Tensor, List[TakenTokens]]:
         stage = 0
+        taken: List[TakenTokens] = []
+        positions: Optional[torch.Tensor] = None  # patch index of each image token, tracked when taking
         for i, block in enumerate(self.blocks):
+            if stop >= 0 and i > stop:
+                break
             if i in self.prune_layers:
                 stage += 1
                 k = dynamicvit_kept_tokens(self.patch_embed.num_patches, self.keep_ratio, stage)
@@ -158,14 +165,25 @@ class DynamicViT(ClassTokenViT):
                     index = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # keep patch order
                     image = image.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
                     x = torch.cat([x[:, :1], image], dim=1)
+                    if take:
+                        if positions is None:
+                            positions = torch.arange(self.patch_embed.num_patches, device=x.device).expand(x.shape[0], -1)
+                        positions = positions.gather(1, index)
             x = block(x)
-        return x
+            if i in take:
+                taken.append((x, 0, positions))
+        return x, taken
 
-    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_masked(self, x: torch.Tensor, take: Sequence[int] = (), stop: int = -1
+                        ) -> Tuple[torch.Tensor, List[TakenTokens]]:
+        """Training: every token stays (masked in attention), so all stay in place."""
         b, n, _ = x.shape
         policy = x.new_ones(b, n - 1, 1)
         self._keep_fractions = []
+        taken: List[TakenTokens] = []
         for i, block in enumerate(self.blocks):
+            if stop >= 0 and i > stop:
+                break
             if i in self.prune_layers:
                 log_probs = self.predictors[str(i)](x[:, 1:], policy)
                 decision = F.gumbel_softmax(log_probs, tau=self.gumbel_tau, hard=True)[..., :1]  # (B, M, 1)
@@ -177,17 +195,15 @@ class DynamicViT(ClassTokenViT):
                 x = x + block.mlp(block.norm2(x))
             else:
                 x = block(x)
-        return x
+            if i in take:
+                taken.append((x, 0, None))
+        return x, taken
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, L, C) normalised tokens, class token first."""
-        x = self._embed(x)
+    def _blocks_taking(self, x: torch.Tensor, take: Sequence[int], stop: int) -> Tuple[torch.Tensor, List[TakenTokens]]:
         if self.training and self.keep_ratio < 1.0:
-            x = self._forward_masked(x)
-        else:
-            self._keep_fractions = []
-            x = self._forward_pruned(x)
-        return self.norm(x)
+            return self._forward_masked(x, take, stop)
+        self._keep_fractions = []
+        return self._forward_pruned(x, take, stop)
 
 
 default_cfgs = generate_default_cfgs({

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import DenseBlock
 from .blvit_vit import ClassTokenViT, _cfg, create_deit_variant
+from .features import TakenTokens
 
 __all__ = ["EViT", "EViTBlock", "evit_kept_tokens", "reorganize_tokens"]
 
@@ -43,7 +44,8 @@ def evit_kept_tokens(num_image_tokens: int, keep_rate: float) -> int:
     return min(num_image_tokens, math.ceil(keep_rate * num_image_tokens))
 
 
-def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True) -> torch.Tensor:
+def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True,
+                      return_index: bool = False):
     """Keep the attentive image tokens, fuse the others into one.
 
     Args:
@@ -51,6 +53,8 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float,
         cls_attn: (B, M) the class token's attention to each image token, averaged over heads.
         keep_rate: fraction of the M image tokens kept (k = ceil(keep_rate * M)).
         fuse: append the attention-weighted sum of the dropped tokens as one token.
+        return_index: also return the (B, k) indices of the kept tokens among the M (None when
+            nothing is dropped).
     Returns:
         (B, 1 + k + 1, C) with ``fuse`` (class token, kept tokens by decreasing attention, fused
         token), (B, 1 + k, C) without; ``x`` itself when k = M.
@@ -59,7 +63,7 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float,
     m = n - 1
     k = evit_kept_tokens(m, keep_rate)
     if k >= m:
-        return x
+        return (x, None) if return_index else x
     tokens = x[:, 1:]
     index = cls_attn.topk(k, dim=1, largest=True, sorted=True).indices  # (B, k)
     kept = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, c))
@@ -67,7 +71,8 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float,
     if fuse:
         weights = cls_attn.scatter(1, index, 0.0).to(tokens.dtype)  # the dropped tokens' attention
         parts.append(torch.bmm(weights.unsqueeze(1), tokens))  # (B, 1, C)
-    return torch.cat(parts, dim=1)
+    out = torch.cat(parts, dim=1)
+    return (out, index) if return_index else out
 
 
 class EViTBlock(DenseBlock):
@@ -104,15 +109,19 @@ class EViTBlock(DenseBlock):
         cls_attn = cls_logits.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)  # (B, L - 1)
         return attn.proj(out), cls_attn
 
-    def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True, return_index: bool = False):
+        """(B, L, C) -> (B, L', C); with ``return_index`` also the (B, k) indices among the L - 1
+        image tokens of the ones kept (None when this block keeps all)."""
         xn = self.norm1(x)
+        index = None
         if self.reorganize and evit_kept_tokens(x.shape[1] - 1, keep_rate) < x.shape[1] - 1:
             out, cls_attn = self.attention_with_cls_attn(xn)
             x = x + drop_path(out, self.drop_path, self.training)
-            x = reorganize_tokens(x, cls_attn, keep_rate, fuse_token)
+            x, index = reorganize_tokens(x, cls_attn, keep_rate, fuse_token, return_index=True)
         else:
             x = x + drop_path(self.attn(xn), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return (x, index) if return_index else x
 
 
 class EViT(ClassTokenViT):
@@ -161,6 +170,7 @@ class EViT(ClassTokenViT):
             EViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], i in self.reorganize_layers)
             for i in range(depth)
         )
+        self._set_feature_info(patch_size)
         self._init_head(num_classes, drop_rate)
         self.init_weights()
 
@@ -187,15 +197,27 @@ class EViT(ClassTokenViT):
             counts.append(n)
         return counts
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, L, C) normalised tokens, class token first."""
-        x = self._embed(x)
-        for block in self.blocks:
+    def _blocks_taking(self, x: torch.Tensor, take: Sequence[int], stop: int) -> Tuple[torch.Tensor, List[TakenTokens]]:
+        """Blocks 0..``stop``; the patch index of every image token is tracked while blocks are
+        taken (a fused token has none: -1)."""
+        taken: List[TakenTokens] = []
+        positions: Optional[torch.Tensor] = None  # (B, L - 1); None: all patches, in order
+        for i, block in enumerate(self.blocks):
+            if i > stop:
+                break
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.keep_rate, self.fuse_token, use_reentrant=False)
+                x, index = checkpoint(block, x, self.keep_rate, self.fuse_token, True, use_reentrant=False)
             else:
-                x = block(x, self.keep_rate, self.fuse_token)
-        return self.norm(x)
+                x, index = block(x, self.keep_rate, self.fuse_token, True)
+            if index is not None and take:
+                if positions is None:
+                    positions = torch.arange(self.patch_embed.num_patches, device=x.device).expand(x.shape[0], -1)
+                positions = positions.gather(1, index)
+                if self.fuse_token:
+                    positions = torch.cat([positions, positions.new_full((x.shape[0], 1), -1)], dim=1)
+            if i in take:
+                taken.append((x, 0, positions))
+        return x, taken
 
 
 default_cfgs = generate_default_cfgs({
