@@ -95,18 +95,20 @@ def select_global(
     keep_ratio: float,
     num_prefix_tokens: int = 0,
     router_score: str = "softmax",
+    num_tokens: Optional[int] = None,
 ) -> TokenSelection:
     """Top-k over the whole sequence; the first ``num_prefix_tokens`` (class token) always kept.
 
     Args:
         logits: (B, N) predictor logits.
+        num_tokens: N when the caller knows it statically (then k is a constant, not read from
+            the tensor's shape: what ``torch.fx`` tracing needs).
     """
     b, n = logits.shape
-    k = tokens_kept_global(keep_ratio, n, num_prefix_tokens)
+    k = tokens_kept_global(keep_ratio, n if num_tokens is None else num_tokens, num_prefix_tokens)
     key = logits
-    if num_prefix_tokens:
-        key = logits.clone()
-        key[:, :num_prefix_tokens] = float("inf")
+    if num_prefix_tokens:  # prefix tokens always win (out of place: traceable)
+        key = torch.cat([torch.full_like(logits[:, :num_prefix_tokens], float("inf")), logits[:, num_prefix_tokens:]], 1)
     flat_index = key.topk(k, dim=-1, sorted=False).indices
     probs = _router_probs(logits, router_score)
     group = n if router_score == "softmax" else 1
@@ -180,7 +182,6 @@ def add_to_tokens(
     b, n, c = x.shape
     src = update.reshape(-1, c).to(x.dtype)
     flat = x.view(b * n, c) if inplace else x.reshape(b * n, c)
-    if inplace:
-        flat.index_add_(0, selection.gather_index, src)
-        return x
+    if inplace:  # the result (x itself) is returned from the op, so a traced graph keeps the op
+        return flat.index_add_(0, selection.gather_index, src).view(b, n, c)
     return flat.index_add(0, selection.gather_index, src).view(b, n, c)

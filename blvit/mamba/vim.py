@@ -44,6 +44,7 @@ import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -53,8 +54,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..flops import module_macs_on_meta, timm_model_on_meta
 from ..utils.io import CheckpointError, PathLike, check_state_dict, listing, read_checkpoint
-from ..models.features import TakenTokens, feature_info, format_intermediates, intermediates_result, take_indices
+from ..models.features import TakenTokens, feature_info, format_intermediates, intermediates_result, refuse_script, take_indices
+from ..utils.tracing import fx_tracing
 from .selective_scan import BACKENDS, causal_conv1d, count_scan_macs, selective_scan
+
+# torch.fx keeps the scan and the causal convolution as single opaque calls: they pick a kernel
+# by device and loop over the sequence, which symbolic tracing cannot follow (nor need to)
+torch.fx.wrap("selective_scan")
+torch.fx.wrap("causal_conv1d")
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +222,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
+        if not fx_tracing() and tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -318,6 +325,9 @@ class VisionMamba(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def __prepare_scriptable__(self):
+        refuse_script(self)
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None and global_pool != "token":
             raise ValueError("VisionMamba supports only global_pool='token'")
@@ -347,6 +357,10 @@ class VisionMamba(nn.Module):
         hidden, pos = self.embed(x)
         residual = None
         merge = self.token_merge
+        if merge is not None and fx_tracing():
+            raise NotImplementedError(
+                "torch.fx cannot trace Vision Mamba with token merging installed (the merge reads token counts "
+                "from tensor shapes); trace the model without it (blvit.tokens.remove_rmeeto) or use torch.compile")
         taken: List[TakenTokens] = []
         merged_from: Optional[int] = None
         for i, layer in enumerate(self.layers):
@@ -418,7 +432,7 @@ class VisionMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, pos = self.forward_tokens(x)
         self.token_position = pos
-        return self.forward_head(tokens, token_position=pos)
+        return self.head(tokens[:, pos])  # forward_head on 3-D tokens, without its (untraceable) dim test
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

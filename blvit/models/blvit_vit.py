@@ -38,7 +38,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from .. import flops as _flops
-from .features import TakenTokens, feature_info, format_intermediates, intermediates_result, take_indices
+from ..utils.tracing import fx_tracing
+from .features import TakenTokens, feature_info, format_intermediates, intermediates_result, refuse_script, take_indices
 from ..blocks import layout_block
 from ..layout import layout_problems, variant_config
 from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
@@ -84,7 +85,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size, chans = self.img_size, self.in_chans
-        if x.dim() != 4 or x.shape[1] != chans or x.shape[2] != size or x.shape[3] != size:
+        if not fx_tracing() and (x.dim() != 4 or x.shape[1] != chans or x.shape[2] != size or x.shape[3] != size):
             raise ValueError(f"expected images of shape (B, {chans}, {size}, {size}), got {tuple(x.shape)}")
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -239,6 +240,9 @@ class ClassTokenViT(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def __prepare_scriptable__(self):
+        refuse_script(self)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new (randomly initialised) head for ``num_classes`` (0: no head, features out)."""
@@ -447,7 +451,9 @@ class BigLittleViT(ClassTokenViT):
                 break
             if str(i) in self.predictors:
                 logits = self.predictors[str(i)](x)  # (B, 1 + N)
-                selection = select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, cfg.router_score)
+                # the token count is static (no token is dropped): k never reads a shape (fx / jit.trace)
+                selection = select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, cfg.router_score,
+                                          num_tokens=1 + self.patch_embed.num_patches)
                 selections[i] = selection
             if self.grad_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(block, x, None, selection, use_reentrant=False)

@@ -152,6 +152,7 @@ class DynamicViT(ClassTokenViT):
         stage = 0
         taken: List[TakenTokens] = []
         positions: Optional[torch.Tensor] = None  # patch index of each image token, tracked when taking
+        image_tokens = self.patch_embed.num_patches  # known statically (traceable)
         for i, block in enumerate(self.blocks):
             if stop >= 0 and i > stop:
                 break
@@ -159,7 +160,8 @@ class DynamicViT(ClassTokenViT):
                 stage += 1
                 k = dynamicvit_kept_tokens(self.patch_embed.num_patches, self.keep_ratio, stage)
                 image = x[:, 1:]
-                if k < image.shape[1]:
+                if k < image_tokens:
+                    image_tokens = k
                     ones = image.new_ones(image.shape[0], image.shape[1], 1)
                     score = self.predictors[str(i)](image, ones)[..., 0]  # (B, M') keep log-prob
                     index = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # keep patch order

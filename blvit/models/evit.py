@@ -45,7 +45,7 @@ def evit_kept_tokens(num_image_tokens: int, keep_rate: float) -> int:
 
 
 def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: bool = True,
-                      return_index: bool = False):
+                      return_index: bool = False, num_tokens: Optional[int] = None):
     """Keep the attentive image tokens, fuse the others into one.
 
     Args:
@@ -55,12 +55,13 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float,
         fuse: append the attention-weighted sum of the dropped tokens as one token.
         return_index: also return the (B, k) indices of the kept tokens among the M (None when
             nothing is dropped).
+        num_tokens: 1 + M when known statically (k is then a constant: traceable).
     Returns:
         (B, 1 + k + 1, C) with ``fuse`` (class token, kept tokens by decreasing attention, fused
         token), (B, 1 + k, C) without; ``x`` itself when k = M.
     """
     b, n, c = x.shape
-    m = n - 1
+    m = (n if num_tokens is None else num_tokens) - 1
     k = evit_kept_tokens(m, keep_rate)
     if k >= m:
         return (x, None) if return_index else x
@@ -109,15 +110,18 @@ class EViTBlock(DenseBlock):
         cls_attn = cls_logits.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)  # (B, L - 1)
         return attn.proj(out), cls_attn
 
-    def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True, return_index: bool = False):
+    def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True, return_index: bool = False,
+                num_tokens: Optional[int] = None):
         """(B, L, C) -> (B, L', C); with ``return_index`` also the (B, k) indices among the L - 1
-        image tokens of the ones kept (None when this block keeps all)."""
+        image tokens of the ones kept (None when this block keeps all). ``num_tokens``: L when
+        known statically (``EViT.token_counts``), so no decision reads the tensor's shape."""
         xn = self.norm1(x)
         index = None
-        if self.reorganize and evit_kept_tokens(x.shape[1] - 1, keep_rate) < x.shape[1] - 1:
+        length = x.shape[1] if num_tokens is None else num_tokens
+        if self.reorganize and evit_kept_tokens(length - 1, keep_rate) < length - 1:
             out, cls_attn = self.attention_with_cls_attn(xn)
             x = x + drop_path(out, self.drop_path, self.training)
-            x, index = reorganize_tokens(x, cls_attn, keep_rate, fuse_token, return_index=True)
+            x, index = reorganize_tokens(x, cls_attn, keep_rate, fuse_token, return_index=True, num_tokens=length)
         else:
             x = x + drop_path(self.attn(xn), self.drop_path, self.training)
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
@@ -202,13 +206,16 @@ class EViT(ClassTokenViT):
         taken (a fused token has none: -1)."""
         taken: List[TakenTokens] = []
         positions: Optional[torch.Tensor] = None  # (B, L - 1); None: all patches, in order
+        entering = [1 + self.patch_embed.num_patches] + self.token_counts()[:-1]  # static token counts
         for i, block in enumerate(self.blocks):
             if i > stop:
                 break
+            track = bool(take)  # the kept indices only when taking (the block returns a plain tensor otherwise)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x, index = checkpoint(block, x, self.keep_rate, self.fuse_token, True, use_reentrant=False)
+                out = checkpoint(block, x, self.keep_rate, self.fuse_token, track, entering[i], use_reentrant=False)
             else:
-                x, index = block(x, self.keep_rate, self.fuse_token, True)
+                out = block(x, self.keep_rate, self.fuse_token, track, entering[i])
+            x, index = out if track else (out, None)
             if index is not None and take:
                 if positions is None:
                     positions = torch.arange(self.patch_embed.num_patches, device=x.device).expand(x.shape[0], -1)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from timm.models._features import feature_take_indices
 
-__all__ = ["TakenTokens", "feature_info", "format_intermediates", "intermediates_result", "take_indices"]
+__all__ = ["TakenTokens", "feature_info", "format_intermediates", "intermediates_result", "refuse_script", "take_indices"]
 
 # (tokens (B, L, C), index of the prefix (class) token, patch index of each other token (B, L - 1)
 # with -1 for a token without a patch (EViT's fused token), or None when all are in grid order)
@@ -86,3 +86,13 @@ def intermediates_result(
     ``return_prefix_tokens`` each entry is (features, prefix tokens)."""
     out: List[Any] = list(zip(features, prefixes)) if return_prefix_tokens else features
     return out if intermediates_only else (final, out)
+
+
+def refuse_script(model) -> None:
+    """``torch.jit.script`` on these models: one clear error with what works instead."""
+    raise RuntimeError(
+        f"torch.jit.script does not compile {type(model).__name__}: its token routing / merging is Python code "
+        "(config dataclasses, per-layer dicts, data-dependent token counts) that TorchScript's compiler "
+        "cannot type, and torch.jit.script is deprecated in PyTorch 2. What works: torch.jit.trace(model, "
+        "example) (TorchScript by tracing: fixed input size and keep ratio), torch.fx.symbolic_trace(model), "
+        "torch.compile(model). See docs/method.md, 'timm's model API'.")
