@@ -13,6 +13,7 @@ Under ``torchrun`` the images are split across processes and rank 0 writes the r
 Per-image results are cached next to the report (REPORT.cache/), so a rerun resumes.
 """
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -89,15 +90,17 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
     image_ids = [i for i in image_ids if anns.anns_by_image.get(i)]
     sam, info, encoder = _model_and_encoder(args, device, amp)
     cache_dir = args.out.with_suffix(".cache")
+    random = args.prompt == "random-points"
     signature = _signature(args, {"prompt": args.prompt, "clicks": args.clicks if args.prompt == "point" else 1,
-                                  "oracle": args.oracle, "clicker": "ritm"})
+                                  "oracle": args.oracle, "clicker": "ritm",
+                                  **({"points": args.points, "seed": args.seed} if random else {})})
     cache = PredictionCache(cache_dir / f"rank{rank}.jsonl", signature, args.fresh)
     vis_ids = set(image_ids[: args.vis])
     clicks = args.clicks if args.prompt == "point" else 1
 
     def work(image_id, image):
         records, drawn = prompt_image(encoder, anns, image_id, image, args.prompt, clicks, args.oracle,
-                                      keep_masks=image_id in vis_ids)
+                                      keep_masks=image_id in vis_ids, points=args.points, seed=args.seed)
         if drawn:
             draw_prompted(args.out.parent / f"{args.out.stem}_vis" / f"{image_id}.png", image, drawn,
                           [r for r in records if "skipped" not in r])
@@ -122,6 +125,12 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
               "mask_choice": "oracle (best IoU with ground truth)" if args.oracle else "highest predicted IoU",
               "images": len(image_ids) - len(eff["images_skipped"]), "objects": len(measured),
               **summarize_miou(rows), **eff, "annotations_skipped": skipped, "processes": world}
+    if random:
+        # the seed fixes every point; the digest lets two reports show they prompted with the same ones
+        drawn_points = sorted((str(rec["ann_id"]), rec["points"]) for rec in measured)
+        report.update(points=args.points, seed=args.seed, sampling="uniform over the mask's pixels, distinct, "
+                      "numpy default_rng([seed, image_id, ann_id])",
+                      points_sha256=hashlib.sha256(json.dumps(drawn_points).encode()).hexdigest())
     keys = ["mIoU", "mIoU_small", "mIoU_medium", "mIoU_large"]
     keys += [f"mIoU@{k}click" for k in range(1, clicks + 1)] if clicks > 1 else []
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
@@ -267,9 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True,
                    help="image folder (images found by file_name, or by coco_url's file name for LVIS)")
     p.add_argument("--dataset", choices=["coco", "lvis"], help="default: detected from the file")
-    p.add_argument("--prompt", choices=["point", "box"], default="point",
-                   help="point: RITM-style simulated clicks; box: the ground-truth box")
+    p.add_argument("--prompt", choices=["point", "box", "random-points"], default="point",
+                   help="point: RITM's simulated clicks; box: the ground-truth box; random-points: --points pixels "
+                        "drawn uniformly from the mask (the bLViT paper's 1- and 3-point settings)")
     p.add_argument("--clicks", type=int, default=1, help="--prompt point: clicks per object (mIoU reported for each)")
+    p.add_argument("--points", type=int, default=1, help="--prompt random-points: points per object")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--prompt random-points: the points' seed (the same points for every model)")
     p.add_argument("--oracle", action="store_true", help="choose the multimask output with the best IoU against ground truth")
     p.add_argument("--vis", type=int, default=0, help="draw this many images")
     p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and a cache go beside it)")
@@ -311,6 +324,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if getattr(args, "clicks", 1) < 1:
         raise SystemExit("--clicks must be >= 1")
+    if getattr(args, "points", 1) < 1:
+        raise SystemExit("--points must be >= 1")
     return args.func(args)
 
 

@@ -161,6 +161,35 @@ def box_problem(ann: Mapping[str, Any], width: int, height: int) -> Optional[str
     return None
 
 
+def random_points_problem(mask: np.ndarray, n: int) -> Optional[str]:
+    """Why ``n`` distinct random points cannot be drawn from ``mask`` (None if they can): an empty
+    mask, a mask of one pixel (no sampling to speak of), or fewer pixels than points."""
+    area = int(_as_mask(mask).sum())
+    if area == 0:
+        return "empty mask"
+    if area == 1:
+        return "mask of one pixel"
+    if area < n:
+        return f"mask of {area} pixels, fewer than the {n} points asked"
+    return None
+
+
+def random_points(mask: np.ndarray, n: int, seed: Sequence[int]) -> np.ndarray:
+    """(n, 2) int64 (x, y) distinct pixels drawn uniformly from ``mask``: the bLViT / SAM papers'
+    "N random points" prompt. ``seed``: e.g. (run seed, image id, annotation id), so that every
+    model sees the same points for the same object whatever the order or sharding of the run.
+
+    Raises:
+        ValueError: what :func:`random_points_problem` reports.
+    """
+    problem = random_points_problem(mask, n)
+    if problem is not None:
+        raise ValueError(f"random_points: {problem}")
+    rows, cols = np.nonzero(_as_mask(mask))  # row-major order: deterministic for a given mask
+    picked = np.random.default_rng([int(v) for v in seed]).choice(rows.size, size=n, replace=False)
+    return np.stack([cols[picked], rows[picked]], axis=1).astype(np.int64)
+
+
 def clicks_to_arrays(clicks: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
     """Clicks [(x, y, label), ...] -> SAM's ``point_coords`` (N, 2) float32 and ``point_labels``
     (N,) int32. A (x, y) pair without a label counts as positive (a first click)."""

@@ -25,7 +25,7 @@ from blvit.utils.io import atomic_write_text, read_checkpoint
 
 from .annotations import AnnotationSet, mask_to_rle, xywh_to_xyxy
 from .metrics import ResultsError, mask_iou
-from .prompts import Clicker, box_problem, box_prompt
+from .prompts import Clicker, box_problem, box_prompt, random_points, random_points_problem
 
 logger = logging.getLogger(__name__)
 
@@ -193,18 +193,27 @@ def _objects(anns: AnnotationSet, image_id: int) -> List[Dict[str, Any]]:
 
 
 def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np.ndarray, prompt: str, clicks: int,
-                 oracle: bool, keep_masks: bool = False) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+                 oracle: bool, keep_masks: bool = False, points: int = 1,
+                 seed: int = 0) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Evaluate every (non-crowd) object of one image; the image must already be set.
 
-    Returns one record per object ({"ann_id", "area", "iou": [per round]}) and, if
-    ``keep_masks``, the prompts and masks for drawing.
+    ``prompt``: "point" (RITM clicks, ``clicks`` rounds), "box" (the ground-truth box) or
+    "random-points" (``points`` pixels drawn uniformly from the mask, seeded by (``seed``, image
+    id, annotation id); one point: SAM's three masks, the best by predicted IoU, or by ground
+    truth with ``oracle``; several: SAM's single mask).
+
+    Returns one record per object ({"ann_id", "area", "iou": [per round]}, plus "points" for
+    random points; a skipped object: {"ann_id", "skipped": why}) and, if ``keep_masks``, the
+    prompts and masks for drawing.
     """
     info = anns.image(image_id)
     objects, gts, skipped = [], [], []
     for ann in _objects(anns, image_id):
         problem = box_problem(ann, info["width"], info["height"]) if prompt == "box" else None
         gt = anns.annotation_mask(ann) if problem is None else None
-        if gt is not None and not gt.any():
+        if gt is not None and prompt == "random-points":
+            problem = random_points_problem(gt, points)
+        elif gt is not None and not gt.any():
             problem = "empty mask"
         if problem is None:
             objects.append(ann)
@@ -226,6 +235,18 @@ def prompt_image(encoder: Encoder, anns: AnnotationSet, image_id: int, image: np
                 records[i]["iou"].append(mask_iou(masks[j, 0], gts[i]))
                 drawn["pred"][i] = masks[j, 0]
             drawn["boxes"] = boxes if drawn["boxes"] is None else np.concatenate([drawn["boxes"], boxes])
+            continue
+        if prompt == "random-points":
+            coords = np.stack([random_points(gts[i], points, (seed, image_id, objects[i]["id"])) for i in part])
+            labels = np.ones(coords.shape[:2], np.int32)
+            masks, iou_pred, _ = encoder.decode(coords.astype(np.float32), labels, multimask=points == 1)
+            for j, i in enumerate(part):
+                scores = [mask_iou(m, gts[i]) for m in masks[j]] if oracle else iou_pred[j]
+                pred = masks[j, int(np.argmax(scores))]
+                records[i]["iou"].append(mask_iou(pred, gts[i]))
+                records[i]["points"] = coords[j].tolist()
+                drawn["pred"][i] = pred
+                drawn["points"][i] = [(int(x), int(y), 1) for x, y in coords[j]]
             continue
         clickers = [Clicker(gts[i]) for i in part]  # RITM's: history kept, no pixel clicked twice
         points = [[clicker.next_click()] for clicker in clickers]

@@ -73,3 +73,17 @@ def interrupted_copy(run_dir: Path, copy_dir: Path, step: int) -> Path:
             path.unlink()
     (ckpts / "latest.txt").write_text(f"step_{step}.pth")
     return ckpts
+
+
+def tiny_dense_checkpoint(path: Path) -> Path:
+    """A randomly initialised dense SAM of this toolkit's format, small enough for a CPU test."""
+    import torch
+
+    from sam_adapter import build_sam_blvit
+    from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION
+
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=256, embed_dim=64, depth=2, num_heads=4,
+                          global_attn_indexes=(1,), out_chans=64)
+    torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": sam.image_encoder.config.to_dict(),
+                "model": sam.state_dict()}, path)
+    return path

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from blvit.train.config import ConfigError, load_config
+from conftest import tiny_dense_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs/sam/quickstart.yaml"
@@ -191,7 +192,7 @@ def test_probe_09_eval_help_texts_and_the_dense_model_named_as_such(tmp_path):
     prompts = subparsers.choices["prompts"].format_help()
     assert "(default: point)" in " ".join(prompts.split()) and "(default: 1)" in prompts
     # a dense checkpoint of this toolkit is reported as dense_vit_b, not as segment-anything's vit_b
-    _, info = load_demo_model(checkpoint=str(_tiny_dense_checkpoint(tmp_path / "dense.pth")))
+    _, info = load_demo_model(checkpoint=str(tiny_dense_checkpoint(tmp_path / "dense.pth")))
     assert info["model"] == "dense_vit_b" and info["dense"]
 
 
@@ -287,20 +288,6 @@ def test_probe_08_bench_progress_spread_and_busy_warning(tmp_path, capsys, monke
     assert any("the machine was busy" in str(w.message) for w in caught)
 
 
-def _tiny_dense_checkpoint(path: Path) -> Path:
-    """A randomly initialised dense SAM of this toolkit's format, small enough for a CPU test."""
-    import torch
-
-    from sam_adapter import build_sam_blvit
-    from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION
-
-    sam = build_sam_blvit("vit_b", keep_ratio=1.0, img_size=256, embed_dim=64, depth=2, num_heads=4,
-                          global_attn_indexes=(1,), out_chans=64)
-    torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": sam.image_encoder.config.to_dict(),
-                "model": sam.state_dict()}, path)
-    return path
-
-
 def test_probe_16_invalid_boxes_and_probe_13_unreadable_images_are_counted_and_skipped(tmp_path, monkeypatch):
     import json
     import warnings
@@ -329,7 +316,7 @@ def test_probe_16_invalid_boxes_and_probe_13_unreadable_images_are_counted_and_s
     bad_path.write_text(json.dumps(coco))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
 
-    ckpt = _tiny_dense_checkpoint(tmp_path / "dense.pth")
+    ckpt = tiny_dense_checkpoint(tmp_path / "dense.pth")
     args = ["prompts", "--annotations", str(bad_path), "--images", str(img_dir), "--model", "dense_vit_b",
             "--checkpoint", str(ckpt), "--prompt", "box"]
     with warnings.catch_warnings(record=True) as caught:
