@@ -1,10 +1,13 @@
 """``blvit-eval``: zero-shot evaluation with efficiency figures next to accuracy.
 
     blvit-eval prompts   --annotations ANN.json --images DIR --model M [--checkpoint C]
-                         --prompt point|box [--clicks N] [--oracle] --out REPORT.json
+                         --prompt point|box|random-points [--clicks N] [--points N --seed S] [--oracle]
+                         --out REPORT.json
     blvit-eval instances --annotations ANN.json [--images DIR]
                          (--detections DETS.json --model M [--checkpoint C] | --predictions PREDS.json)
                          [--dataset coco|lvis] --out REPORT.json
+    blvit-eval table     --annotations ANN.json --images DIR --model NAME[:CHECKPOINT] [--model ...]
+                         [--detections DETS.json] --out TABLE.json
     blvit-eval imagenet  --data ROOT --model NAME[:CHECKPOINT] [--model ...] --out REPORT.json
 
 Every run writes REPORT.json (figures under plain keys: "mIoU", "AP", "AP50", ...,
@@ -221,6 +224,78 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     return report
 
 
+TABLE_SETTINGS = (("1 point", ["--prompt", "random-points", "--points", "1"]),
+                  ("3 points", ["--prompt", "random-points", "--points", "3"]),
+                  ("box", ["--prompt", "box"]))
+
+
+def _model_spec(spec: str) -> Tuple[str, Optional[str]]:
+    name, _, checkpoint = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--model {spec!r}: expected NAME or NAME:CHECKPOINT")
+    return name, checkpoint or None
+
+
+def _slug(name: str, checkpoint: Optional[str]) -> str:
+    stem = Path(checkpoint).stem if checkpoint else "random"
+    text = f"{name}-{stem}" if not checkpoint or Path(checkpoint).parent.name in ("", ".") else \
+        f"{name}-{Path(checkpoint).parent.parent.name}-{stem}"
+    return "".join(c if c.isalnum() or c in "+-_." else "_" for c in text)
+
+
+def cmd_table(args) -> Optional[Dict[str, Any]]:
+    """The bLViT paper's SAM table: for each model, mIoU with 1 and 3 random points and with the
+    ground-truth box, AP with detector boxes as prompts, and the encoder's GFLOPs; every cell is
+    one ``prompts`` / ``instances`` run with its own report and cache under ``--out``'s folder,
+    so an interrupted table resumes."""
+    out_dir = args.out.parent / f"{args.out.stem}_runs"
+    common = ["--annotations", str(args.annotations), "--images", str(args.images)]
+    common += ["--max-images", str(args.max_images)] if args.max_images else []
+    common += ["--fp32"] if args.fp32 else []
+    common += ["--strict"] if args.strict else []
+    rows = []
+    for spec in args.model:
+        name, checkpoint = _model_spec(spec)
+        model_args = ["--model", name] + (["--checkpoint", checkpoint] if checkpoint else [])
+        model_args += ["--keep-ratio", str(args.keep_ratio)] if args.keep_ratio is not None else []
+        slug = _slug(name, checkpoint)
+        row: Dict[str, Any] = {"model": name, "checkpoint": checkpoint}
+        for label, setting in TABLE_SETTINGS:
+            report = run(["prompts", *common, *model_args, *setting, "--seed", str(args.seed),
+                          "--out", str(out_dir / slug / f"{label.replace(' ', '_')}.json")])
+            if report is None:  # another torchrun rank: rank 0 writes the table
+                continue
+            row[f"mIoU {label}"] = report["mIoU"]
+            row.update({k: report.get(k) for k in ("layout", "keep_ratio", "encoder_gmacs", "input_size")})
+        if args.detections is not None:
+            report = run(["instances", "--annotations", str(args.annotations), "--images", str(args.images),
+                          "--detections", str(args.detections), *model_args, *common[4:],
+                          "--out", str(out_dir / slug / "instances.json")])
+            if report is not None:
+                row["AP"] = report["AP"]
+        row["encoder_gflops"] = 2 * row["encoder_gmacs"] if row.get("encoder_gmacs") is not None else None
+        rows.append(row)
+    if _dist()[1] != 0:
+        return None
+    columns = ["encoder_gflops", "mIoU 1 point", "mIoU 3 points", "mIoU box"] + (["AP"] if args.detections else [])
+    size = rows[0].get("input_size") if rows else None
+    head = ["model", "layout", "keep", f"GFLOPs ({size} px)" if size else "GFLOPs"] + columns[1:]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["model"] + (f" ({Path(r['checkpoint']).name})" if r["checkpoint"] else ""),
+                                         str(r.get("layout") or "stock"), _fmt(r.get("keep_ratio"))]
+                                        + [_fmt(r.get(c)) for c in columns]) + " |")
+    table = "\n".join(lines)
+    report = {"task": "table", "annotations": str(args.annotations), "detections": str(args.detections)
+              if args.detections else None, "seed": args.seed, "rows": rows, "runs": str(out_dir)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(json.loads(json.dumps(report, default=float).replace("NaN", "null")), indent=2))
+    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return report
+
+
 def cmd_imagenet(args) -> Dict[str, Any]:
     from .imagenet import markdown_rows, run_imagenet
 
@@ -301,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and a cache go beside it)")
     _common_model_args(p, required=False)
     p.set_defaults(func=cmd_instances)
+
+    p = sub.add_parser("table", formatter_class=_ShowDefaults,
+                       help="the bLViT paper's SAM table: 1 / 3 random points, box, detector-box AP, GFLOPs")
+    p.add_argument("--annotations", type=Path, required=True, help="COCO or LVIS instance annotations (JSON)")
+    p.add_argument("--images", type=Path, required=True, help="image folder")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME[:CHECKPOINT], repeatable: vit_b:sam_vit_b_01ec64.pth, b+t:runs/bt/checkpoints/best.pth, ...")
+    p.add_argument("--detections", type=Path, help="COCO results-format boxes (e.g. ViTDet-H) for the AP column")
+    p.add_argument("--keep-ratio", type=float, help="override every bLViT model's keep ratio")
+    p.add_argument("--seed", type=int, default=0, help="the random points' seed (the same points for every model)")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--out", type=Path, required=True,
+                   help="table JSON (Markdown beside it; each cell's report and cache in <out>_runs/)")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("imagenet", formatter_class=_ShowDefaults, help="top-1/top-5, FLOPs and images/s of classifiers, side by side")
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root with val/<wnid>/*.JPEG")

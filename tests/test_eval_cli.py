@@ -167,3 +167,31 @@ def test_torchrun_two_processes_give_the_one_process_report(setup, tmp_path):
     assert two["processes"] == 2 and len(list((tmp_path / "two.cache").glob("rank*.jsonl"))) == 2
     for key in ("mIoU", "mIoU@1click", "mIoU@2click", "objects"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_table_of_the_paper_resumes_from_its_caches(setup, tmp_path):
+    """blvit-eval table: dense and B+T rows with 1 / 3 random points, box and detector-box AP."""
+    _, data, teacher, student = setup
+    gt = json.loads(Path(data["heldout_coco"]).read_text())
+    detections = tmp_path / "dets.json"  # an oracle detector: the ground-truth boxes
+    detections.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                                       "score": 1.0} for a in gt["annotations"]]))
+    argv = ["table", "--annotations", data["heldout_coco"], "--images", data["heldout_images"], "--model",
+            f"dense_vit_b:{teacher}", "--model", f"b+t:{student}", "--detections", str(detections),
+            "--out", str(tmp_path / "table.json")]
+    table = run(argv)
+    rows = table["rows"]
+    assert [r["model"] for r in rows] == ["dense_vit_b", "b+t"]
+    for r in rows:
+        for key in ("mIoU 1 point", "mIoU 3 points", "mIoU box", "AP", "encoder_gflops"):
+            assert r[key] is not None and r[key] >= 0, key
+    assert rows[1]["encoder_gflops"] < rows[0]["encoder_gflops"]  # B+T is the cheaper encoder
+    md = (tmp_path / "table.md").read_text()
+    assert md.startswith("| model | layout | keep | GFLOPs") and "mIoU 3 points" in md and md.count("\n") == 4
+    # every cell has its report and cache: a second run resumes (same figures, no image recomputed)
+    caches = sorted((tmp_path / "table_runs").rglob("rank0.jsonl"))
+    assert len(caches) == 8
+    contents = [c.read_text() for c in caches]
+    again = run(argv)
+    assert again["rows"] == rows
+    assert [c.read_text() for c in caches] == contents  # nothing appended: every image came from a cache
