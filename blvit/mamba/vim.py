@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..flops import module_macs_on_meta, timm_model_on_meta
 from ..utils.io import CheckpointError, PathLike, check_state_dict, listing, read_checkpoint
-from ..models.features import TakenTokens, feature_info, format_intermediates, intermediates_result, refuse_script, take_indices
+from ..models.features import TakenTokens, TokenFeatures, feature_info, refuse_script, take_indices
 from ..utils.tracing import fx_tracing
 from .selective_scan import BACKENDS, causal_conv1d, count_scan_macs, selective_scan
 
@@ -232,7 +232,7 @@ class PatchEmbed(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(TokenFeatures, nn.Module):
     """Vim with a middle class token (the released configuration; module docstring).
 
     ``token_merge``: optional callable ``(layer_index, hidden, residual, cls_index) -> (hidden,
@@ -386,27 +386,16 @@ class VisionMamba(nn.Module):
         hidden = self.norm_f(self.drop_path(hidden), residual)
         return hidden, pos
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """timm's ``forward_intermediates``: the residual stream after layers ``indices`` (an int:
-        the last that many; None: all), class token cut out, as (B, C, H, W) (``"NCHW"``) or
-        (B, T - 1, C) (``"NLC"``); ``norm``: through ``norm_f``. After an R-MeeTo merge the
-        tokens have no patch grid: NCHW raises there (see :mod:`blvit.models.features`)."""
-        take, max_index = take_indices(len(self.layers), indices)
-        stop = max_index if (stop_early or intermediates_only) else -1
+    def _feature_depth(self) -> int:
+        return len(self.layers)
+
+    def _intermediate_run(self, x: torch.Tensor, take: Sequence[int], stop: int, norm: bool):
+        """Intermediates are the residual stream after each layer (``residual + hidden``; with
+        ``norm``, through ``norm_f``), the middle class token cut out; after an R-MeeTo merge the
+        tokens have no patch grid, so NCHW raises there (see :mod:`blvit.models.features`)."""
         hidden, residual, pos, taken, merged_from = self._layers_taking(x, take, stop, norm)
-        features, prefixes = format_intermediates(taken, self.patch_embed.grid_size, output_fmt, merged_from, take)
-        final = self.norm_f(self.drop_path(hidden), residual)
         self.token_position = pos
-        return intermediates_result(final, features, prefixes, return_prefix_tokens, intermediates_only)
+        return self.norm_f(self.drop_path(hidden), residual), taken, merged_from
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

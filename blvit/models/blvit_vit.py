@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import flops as _flops
 from ..utils.tracing import fx_tracing
-from .features import TakenTokens, feature_info, format_intermediates, intermediates_result, refuse_script, take_indices
+from .features import TakenTokens, TokenFeatures, feature_info, refuse_script, take_indices
 from ..blocks import layout_block
 from ..layout import layout_problems, variant_config
 from ..routing import TokenPredictor, TokenSelection, select_global, tokens_kept_global
@@ -126,7 +126,7 @@ def rename_timm_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return out
 
 
-class ClassTokenViT(nn.Module):
+class ClassTokenViT(TokenFeatures, nn.Module):
     """What a DeiT-style classifier has around its blocks: patch embedding, class token,
     learned position embedding (class token included, DeiT layout), final ``norm`` and a
     linear ``head`` on the class token. Subclasses build ``blocks`` and ``forward_features``.
@@ -194,28 +194,14 @@ class ClassTokenViT(nn.Module):
     def _set_feature_info(self, patch_size: int) -> None:
         self.feature_info = feature_info(len(self.blocks), self.embed_dim, patch_size, "blocks")
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """timm's ``forward_intermediates``: the outputs of blocks ``indices`` (an int: the last
-        that many; None: all) as (B, C, H, W) on the patch grid (``output_fmt="NCHW"``; tokens a
-        model dropped are zero there, see :mod:`blvit.models.features`) or (B, L - 1, C) image
-        tokens ("NLC"); ``norm``: through the final norm. Returns the list
-        (``intermediates_only``) or (final normalised tokens, list)."""
-        take, max_index = take_indices(len(self.blocks), indices)
-        stop = max_index if (stop_early or intermediates_only) else len(self.blocks) - 1
+    def _feature_depth(self) -> int:
+        return len(self.blocks)
+
+    def _intermediate_run(self, x: torch.Tensor, take: Sequence[int], stop: int, norm: bool):
         x, taken = self._blocks_taking(self._embed(x), take, stop)
         if norm:
             taken = [(self.norm(t), c, p) for t, c, p in taken]
-        features, prefixes = format_intermediates(taken, self.patch_embed.grid_size, output_fmt, indices=take)
-        return intermediates_result(self.norm(x), features, prefixes, return_prefix_tokens, intermediates_only)
+        return self.norm(x), taken, None
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

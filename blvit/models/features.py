@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from timm.models._features import feature_take_indices
 
-__all__ = ["TakenTokens", "feature_info", "format_intermediates", "intermediates_result", "refuse_script", "take_indices"]
+__all__ = ["TakenTokens", "TokenFeatures", "feature_info", "format_intermediates", "intermediates_result", "refuse_script", "take_indices"]
 
 # (tokens (B, L, C), index of the prefix (class) token, patch index of each other token (B, L - 1)
 # with -1 for a token without a patch (EViT's fused token), or None when all are in grid order)
@@ -86,6 +86,35 @@ def intermediates_result(
     ``return_prefix_tokens`` each entry is (features, prefix tokens)."""
     out: List[Any] = list(zip(features, prefixes)) if return_prefix_tokens else features
     return out if intermediates_only else (final, out)
+
+
+class TokenFeatures:
+    """Mixin: timm's ``forward_intermediates`` for a token model that provides
+    ``_feature_depth()`` (number of blocks), ``patch_embed.grid_size`` and
+    ``_intermediate_run(x, take, stop, norm) -> (final normalised tokens, taken, merged_from)``
+    (blocks 0..``stop`` run; ``taken``: :data:`TakenTokens` of the blocks in ``take``)."""
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """The outputs of blocks ``indices`` (an int: the last that many; None: all) as
+        (B, C, H, W) on the patch grid (``output_fmt="NCHW"``; see the module's docstring for
+        dropped and merged tokens) or (B, L - 1, C) image tokens ("NLC"); ``norm``: through the
+        final norm. Returns the list (``intermediates_only``) or (final normalised tokens, list);
+        with ``return_prefix_tokens`` each entry is (features, class token (B, 1, C))."""
+        depth = self._feature_depth()
+        take, max_index = take_indices(depth, indices)
+        stop = max_index if (stop_early or intermediates_only) else depth - 1
+        final, taken, merged_from = self._intermediate_run(x, take, stop, norm)
+        features, prefixes = format_intermediates(taken, self.patch_embed.grid_size, output_fmt, merged_from, take)
+        return intermediates_result(final, features, prefixes, return_prefix_tokens, intermediates_only)
 
 
 def refuse_script(model) -> None:
