@@ -345,7 +345,6 @@ def test_probe_17_demo_server_bounds_pixels_memory_and_decoding_and_refuses_bad_
     import threading
     import time
 
-    import numpy as np
     from PIL import Image
 
     from blvit_apps.demo import server as demo_server

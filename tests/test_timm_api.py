@@ -34,7 +34,7 @@ def _create(name, **kwargs):
     return timm.create_model(name, **dict(TINY[name.split("_")[0]], **kwargs))
 
 
-def _input(model_or_size=32):
+def _input():
     return torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
