@@ -200,7 +200,7 @@ def test_probe_05_stale_temp_files_ctrl_c_and_redone_steps(tmp_path, monkeypatch
     import json
 
     from blvit.data.synthetic import write_sa1b
-    from blvit.train import sam_trainer
+    from sam_adapter import trainer as sam_trainer
     from sam_adapter.trainer import train
 
     write_sa1b(tmp_path / "data", 8, seed=3)
@@ -270,7 +270,7 @@ def test_probe_08_bench_progress_spread_and_busy_warning(tmp_path, capsys, monke
     import json
     import warnings
 
-    from sam_adapter import benchmark
+    from blvit_apps import sam_benchmark as benchmark
 
     benchmark.main(["--img-size", "128", "--encoders", "dense_vit_b", "--batches", "1", "--repeats", "3", "--warmup", "0",
                     "--no-predictor", "--out", str(tmp_path)])
