@@ -46,3 +46,76 @@ def test_two_process_training_matches_one_process(tmp_path, optimizer):
     latest = (tmp_path / "two/checkpoints/latest.txt").read_text().strip()
     state = torch.load(tmp_path / "two/checkpoints" / latest, weights_only=False)["train_state"]["optimizer"]
     assert len(state["state"]) > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.heavy
+def test_two_nodes_by_c10d_rendezvous_match_one_process_and_only_global_rank_0_writes(tmp_path):
+    """Two torchrun launchers on this machine as two "nodes" (c10d rendezvous on 127.0.0.1,
+    gloo, one process each): the same losses as one process with the whole batch, which they can
+    only give if the two ranks' samples together are that batch (split without overlap); one
+    node's output folder gets everything, the other nothing (only global rank 0 writes)."""
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    common = [f"data.root={data}", f"train.max_steps={STEPS}", "train.epochs=1", "data.workers=0", "train.grad_clip=1.0",
+              "data.val_root=null"]
+    train(load_config(QUICK, common + ["train.batch_size=4", f"output_dir={tmp_path / 'one'}"]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = _free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "blvit-two-nodes",
+         str(ROOT / "tools/train.py"), "--config", QUICK, *common, "train.batch_size=2",
+         f"output_dir={tmp_path / f'node{node}'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    for p, (_, err) in zip(launchers, outputs):
+        assert p.returncode == 0, err[-3000:]
+    written = [d for d in (tmp_path / "node0", tmp_path / "node1") if d.exists() and any(d.rglob("*"))]
+    assert len(written) == 1, [list(d.rglob("*")) for d in written]
+    out = written[0]
+    assert (out / "metrics.jsonl").is_file() and (out / "checkpoints/best.pth").is_file()
+    one, two = _losses(tmp_path / "one"), _losses(out)
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), (one, two)
+
+
+@pytest.mark.heavy
+def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
+    """A scheduler's SIGTERM (Slurm preemption): the step in progress finishes, a checkpoint is
+    written, the process exits 143 saying so, and --resume continues from that step."""
+    import signal
+    import time
+
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "tools/train.py"), "--config", QUICK, f"data.root={data}", "data.val_root=null",
+            "data.workers=0", "train.batch_size=2", "train.max_steps=400", "train.epochs=100", f"output_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(_losses(out)) < 2):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM: stopped at step" in err and "continue with --resume" in err
+    step = int(err.split("SIGTERM: stopped at step ")[1].split(";")[0])
+    assert (out / f"checkpoints/step_{step}.pth").is_file()
+    assert (out / "checkpoints/latest.txt").read_text().strip() == f"step_{step}.pth"
+    resumed = subprocess.run(args[:-3] + [f"train.max_steps={step + 2}", "train.epochs=100", f"output_dir={out}",
+                                          "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == list(range(1, step + 3))  # no step lost, none repeated

@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
         parser.error(str(err))
     from blvit.data.imagenet import ImageFolderError
     from blvit.data.sa1b import SampleError
+    from blvit.train.loop import TrainingStopped
     from blvit.utils.io import CheckpointError
 
     if cfg["task"] == "classify":
@@ -46,6 +47,15 @@ def main(argv=None) -> dict:
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:  # the loop saved a checkpoint and logged where
         parser.exit(130, "interrupted; continue with --resume (same --config and overrides)\n")
+    except TrainingStopped as stopped:  # preempted (Slurm): saved on every rank's agreement; 128 + SIGTERM
+        _finish_process_group()
+        parser.exit(143, f"{stopped} (same --config and overrides)\n")
+    _finish_process_group()
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _finish_process_group() -> None:
     import torch.distributed as torch_dist
 
     if torch_dist.is_initialized():
@@ -53,8 +63,6 @@ def main(argv=None) -> dict:
         # leaving with gloo's threads alive aborts ("terminate called without an active exception")
         torch_dist.barrier()
         torch_dist.destroy_process_group()
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

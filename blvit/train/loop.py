@@ -218,6 +218,58 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
     return model, optimizer, name, params
 
 
+class TrainingStopped(Exception):
+    """SIGTERM / SIGUSR1 (a scheduler preempting the job, e.g. Slurm before its time limit) stopped
+    training: every rank finished its optimizer step, a checkpoint was saved, ``--resume`` continues."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: stopped at step {step}; saved {checkpoint}; continue with --resume")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class _StopSignals:
+    """While active, SIGTERM / SIGUSR1 only set a flag; the loop checks it after each optimizer
+    step (all ranks agree through one all-reduce), saves and stops. Previous handlers come back
+    afterwards. Installed in the main thread only (Python's rule for signal handlers)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, world: int, device: torch.device) -> Optional[str]:
+        """The signal if any rank received one (a collective when ``world > 1``)."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return (self.received or "SIGTERM") if flag.item() > 0 else None
+
+
 def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.device, resume: bool = False) -> Dict[str, Any]:
     """Train ``task`` as ``cfg['train']`` says; returns a summary (steps, checkpoints, last figures)."""
     t = cfg["train"]
@@ -312,6 +364,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     skipped_total, window, last_loss = 0, [], float("inf")
     done = state["step"] >= total_steps
     completed = (state["epoch"], state["batch_in_epoch"])  # where the last optimizer step left the epoch
+    stop_signals = _StopSignals().__enter__()
     try:
         while not done:
             epoch = state["epoch"]
@@ -366,6 +419,11 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if t["save_every"] and state["step"] % t["save_every"] == 0:
                     save(f"step_{state['step']}")
+                stop = stop_signals.agreed(world, device)
+                if stop is not None:  # preempted: every rank is at this step boundary; save together, stop
+                    state["epoch"], state["batch_in_epoch"] = completed
+                    save(f"step_{state['step']}")
+                    raise TrainingStopped(stop, state["step"], ckpt_dir / f"step_{state['step']}.pth")
                 if state["step"] >= total_steps:
                     done = True
                     break
@@ -377,6 +435,11 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                 state["batch_in_epoch"] = 0
                 completed = (state["epoch"], 0)
             validate_and_save(last_loss)
+    except TrainingStopped as stopped:
+        logger.warning("%s", stopped)
+        bar.close()
+        log.close()
+        raise
     except KeyboardInterrupt:
         # Ctrl-C: keep what was done. Roll back to the last optimizer step (a half-done batch or
         # accumulation is redone). One process only: the other ranks of a torchrun job are being
@@ -389,6 +452,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         bar.close()
         log.close()
         raise
+    finally:
+        stop_signals.__exit__()
     bar.close()
     log.close()
     if rank == 0:
