@@ -417,12 +417,10 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                 if rank == 0:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if t["save_every"] and state["step"] % t["save_every"] == 0:
-                    save(f"step_{state['step']}")
                 stop = stop_signals.agreed(world, device)
-                if stop is not None:  # preempted: every rank is at this step boundary; save together, stop
-                    state["epoch"], state["batch_in_epoch"] = completed
+                if stop is not None or (t["save_every"] and state["step"] % t["save_every"] == 0):
                     save(f"step_{state['step']}")
+                if stop is not None:  # preempted: every rank is at this step boundary and saved together
                     raise TrainingStopped(stop, state["step"], ckpt_dir / f"step_{state['step']}.pth")
                 if state["step"] >= total_steps:
                     done = True
