@@ -84,7 +84,8 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         set_attention_backend(encoder, attn_backend or "sdpa")
         info.update(attn_backend=attn_backend or "sdpa")
     if hasattr(encoder, "config"):
-        info.update(layout=encoder.config.name, keep_ratio=encoder.config.keep_ratio)
+        # a dense layout routes nothing: its config's keep ratio means nothing
+        info.update(layout=encoder.config.name, keep_ratio=None if encoder.config.is_dense else encoder.config.keep_ratio)
     return sam.eval(), info
 
 

@@ -186,6 +186,7 @@ def test_table_of_the_paper_resumes_from_its_caches(setup, tmp_path):
         for key in ("mIoU 1 point", "mIoU 3 points", "mIoU box", "AP", "encoder_gflops"):
             assert r[key] is not None and r[key] >= 0, key
     assert rows[1]["encoder_gflops"] < rows[0]["encoder_gflops"]  # B+T is the cheaper encoder
+    assert rows[0]["keep_ratio"] is None and rows[1]["keep_ratio"] == 0.25  # a dense encoder routes nothing
     md = (tmp_path / "table.md").read_text()
     assert md.startswith("| model | layout | keep | GFLOPs") and "mIoU 3 points" in md and md.count("\n") == 4
     # every cell has its report and cache: a second run resumes (same figures, no image recomputed)
