@@ -119,3 +119,39 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, step + 3))  # no step lost, none repeated
+
+
+@pytest.mark.heavy
+def test_elastic_resume_four_processes_to_two_keeps_the_global_batch_and_the_samples(tmp_path):
+    """Saved at 4 processes (batch 1), resumed at 2 (batch 1, 2 accumulated: the same global
+    batch of 4): every step's loss matches an uninterrupted one-process run at batch 4 (the same
+    samples per step; tolerance 1e-4 relative, float summation order); another global batch is
+    refused with the setting to use."""
+    data = tmp_path / "data"
+    write_sa1b(data, 16, seed=0)
+    common = [f"data.root={data}", "train.epochs=1", "data.workers=0", "train.grad_clip=1.0", "data.val_root=null",
+              "train.global_batch=4"]
+    train(load_config(QUICK, common + ["train.batch_size=4", "train.max_steps=4", f"output_dir={tmp_path / 'one'}"]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(procs, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               str(ROOT / "tools/train.py"), "--config", QUICK, *common, "train.batch_size=1",
+               f"output_dir={tmp_path / 'elastic'}", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    first = torchrun(4, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, "train.max_steps=4", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "elastic resume: 4 -> 2 processes" in second.stderr
+    one, elastic = _losses(tmp_path / "one"), _losses(tmp_path / "elastic")
+    assert len(one) == len(elastic) == 4
+    for a, b in zip(one, elastic):
+        assert abs(a - b) <= 1e-4 * abs(a), (one, elastic)
+    # one process with a global batch of 2 (1 x 2 accumulated): refused, naming the setting to use
+    refused = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--config", QUICK, *common,
+                              "train.batch_size=1", "train.global_batch=2", "train.max_steps=5",
+                              f"output_dir={tmp_path / 'elastic'}", "--resume"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "set train.global_batch=4" in refused.stderr, refused.stderr[-2000:]

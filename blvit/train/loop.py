@@ -270,6 +270,38 @@ class _StopSignals:
         return (self.received or "SIGTERM") if flag.item() > 0 else None
 
 
+def _elastic_progress(progress: Dict[str, Any], world: int, batch_size: int, accumulate: int,
+                      path: Path) -> Dict[str, Any]:
+    """A checkpoint's progress for a run with ``world`` processes (elastic resume).
+
+    The epoch's order is one permutation of the samples whatever the number of processes
+    (``DistributedSampler``: rank r takes every world-th index), so with the same global batch
+    (``batch_size x processes x accumulate``) every optimizer step sees the same samples: only
+    the position in the epoch, counted in per-process batches, is converted. Another global batch
+    is refused. Not exact across world sizes: per-process random streams (augmentation, dropout)
+    and ``data.repeated_aug``'s order, which depends on the number of processes.
+    """
+    state = {k: progress[k] for k in ("step", "epoch", "batch_in_epoch", "best")}
+    old_world = int(progress.get("world", world))
+    old_batch = int(progress.get("batch_size", batch_size))
+    old_accumulate = int(progress.get("accumulate", accumulate))
+    if (old_world, old_batch) == (world, batch_size):
+        return state
+    old_global, new_global = old_batch * old_world * old_accumulate, batch_size * world * accumulate
+    if old_global != new_global:
+        raise ValueError(f"{path}: saved with a global batch of {old_global} ({old_batch} x {old_world} processes x "
+                         f"{old_accumulate} accumulated), this run's is {new_global}; set train.global_batch={old_global} "
+                         "to resume with another number of processes")
+    consumed = state["batch_in_epoch"] * old_batch * old_world  # samples of this epoch already used
+    if consumed % (batch_size * world):
+        raise ValueError(f"{path}: {consumed} samples into the epoch is not a whole number of batches of "
+                         f"{batch_size} x {world} processes")
+    state["batch_in_epoch"] = consumed // (batch_size * world)
+    logger.info("elastic resume: %d -> %d processes, batch %d -> %d per process, same global batch %d",
+                old_world, world, old_batch, batch_size, new_global)
+    return state
+
+
 def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.device, resume: bool = False) -> Dict[str, Any]:
     """Train ``task`` as ``cfg['train']`` says; returns a summary (steps, checkpoints, last figures)."""
     t = cfg["train"]
@@ -305,7 +337,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         if ema is not None and "ema" in train_state:
             ema.load_state_dict(train_state["ema"])
         set_rng_state(train_state["rng"])
-        state = train_state["progress"]
+        state = _elastic_progress(train_state["progress"], world, t["batch_size"], accumulate, path)
         if rank == 0:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"], state["epoch"],
                         state["batch_in_epoch"])
@@ -323,7 +355,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         if is_best:
             state["best"] = score
         train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                       "progress": dict(state), "config": cfg}
+                       "progress": dict(state, world=world, batch_size=t["batch_size"], accumulate=accumulate),
+                       "config": cfg}
         if ema is not None:
             train_state["ema"] = ema.state_dict()
         payload = dict(task.payload(), train_state=train_state)
