@@ -59,11 +59,12 @@ def markdown(report: Dict[str, Any], keys: Sequence[str]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"])
 
 
-def write_report(report: Dict[str, Any], out: Path, keys: Sequence[str]) -> None:
+def write_report(report: Dict[str, Any], out: Path, keys: Sequence[str] = (), table: Optional[str] = None) -> None:
+    """REPORT.json (NaN written as null) and REPORT.md: ``table``, or one row of ``keys``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     clean = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
     atomic_write_text(out, json.dumps(clean, indent=2))
-    table = markdown(report, keys)
+    table = markdown(report, keys) if table is None else table
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
@@ -229,13 +230,6 @@ TABLE_SETTINGS = (("1 point", ["--prompt", "random-points", "--points", "1"]),
                   ("box", ["--prompt", "box"]))
 
 
-def _model_spec(spec: str) -> Tuple[str, Optional[str]]:
-    name, _, checkpoint = spec.partition(":")
-    if not name:
-        raise SystemExit(f"--model {spec!r}: expected NAME or NAME:CHECKPOINT")
-    return name, checkpoint or None
-
-
 def _slug(name: str, checkpoint: Optional[str]) -> str:
     stem = Path(checkpoint).stem if checkpoint else "random"
     text = f"{name}-{stem}" if not checkpoint or Path(checkpoint).parent.name in ("", ".") else \
@@ -248,28 +242,31 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
     ground-truth box, AP with detector boxes as prompts, and the encoder's GFLOPs; every cell is
     one ``prompts`` / ``instances`` run with its own report and cache under ``--out``'s folder,
     so an interrupted table resumes."""
+    from .imagenet import parse_model_spec
+
     out_dir = args.out.parent / f"{args.out.stem}_runs"
-    common = ["--annotations", str(args.annotations), "--images", str(args.images)]
-    common += ["--max-images", str(args.max_images)] if args.max_images else []
-    common += ["--fp32"] if args.fp32 else []
-    common += ["--strict"] if args.strict else []
+    data = ["--annotations", str(args.annotations), "--images", str(args.images)]
+    options = ["--max-images", str(args.max_images)] if args.max_images else []
+    options += ["--fp32"] if args.fp32 else []
+    options += ["--strict"] if args.strict else []
     rows = []
     for spec in args.model:
-        name, checkpoint = _model_spec(spec)
+        name, checkpoint = parse_model_spec(spec)
+        if not name:
+            raise SystemExit(f"--model {spec!r}: expected NAME or NAME:CHECKPOINT")
         model_args = ["--model", name] + (["--checkpoint", checkpoint] if checkpoint else [])
         model_args += ["--keep-ratio", str(args.keep_ratio)] if args.keep_ratio is not None else []
         slug = _slug(name, checkpoint)
         row: Dict[str, Any] = {"model": name, "checkpoint": checkpoint}
         for label, setting in TABLE_SETTINGS:
-            report = run(["prompts", *common, *model_args, *setting, "--seed", str(args.seed),
+            report = run(["prompts", *data, *options, *model_args, *setting, "--seed", str(args.seed),
                           "--out", str(out_dir / slug / f"{label.replace(' ', '_')}.json")])
             if report is None:  # another torchrun rank: rank 0 writes the table
                 continue
             row[f"mIoU {label}"] = report["mIoU"]
             row.update({k: report.get(k) for k in ("layout", "keep_ratio", "encoder_gmacs", "input_size")})
         if args.detections is not None:
-            report = run(["instances", "--annotations", str(args.annotations), "--images", str(args.images),
-                          "--detections", str(args.detections), *model_args, *common[4:],
+            report = run(["instances", *data, "--detections", str(args.detections), *model_args, *options,
                           "--out", str(out_dir / slug / "instances.json")])
             if report is not None:
                 row["AP"] = report["AP"]
@@ -285,14 +282,9 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
         lines.append("| " + " | ".join([r["model"] + (f" ({Path(r['checkpoint']).name})" if r["checkpoint"] else ""),
                                          str(r.get("layout") or "stock"), _fmt(r.get("keep_ratio"))]
                                         + [_fmt(r.get(c)) for c in columns]) + " |")
-    table = "\n".join(lines)
     report = {"task": "table", "annotations": str(args.annotations), "detections": str(args.detections)
               if args.detections else None, "seed": args.seed, "rows": rows, "runs": str(out_dir)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(json.loads(json.dumps(report, default=float).replace("NaN", "null")), indent=2))
-    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
-    print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    write_report(report, args.out, table="\n".join(lines))
     return report
 
 

@@ -48,11 +48,11 @@ def _farthest(region: np.ndarray, not_clicked: Optional[np.ndarray] = None) -> T
     row-major order), with distances at clicked pixels zeroed; (0.0, None) if nothing is left.
 
     The transform runs on the whole padded image, as RITM's does: cv2's exact transform rounds
-    its float32 results differently at other offsets (a crop to the object moved 2 of 977 LVIS
-    first clicks to a neighbouring pixel), and a tie is decided on those last bits."""
+    its float32 results differently at other offsets (a crop to the object moved LVIS annotation
+    46's first click from (298, 221) to (300, 222)), and a tie is decided on those last bits."""
     if not region.any():
         return 0.0, None
-    dist = cv2.distanceTransform(np.pad(region.astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    dist = distance_to_boundary(region)
     if not_clicked is not None:
         dist = dist * not_clicked
     best = dist.max()

@@ -162,7 +162,7 @@ class RMeeToMerge:
             # the released override at the last merge block: merge down to N - 11 * compare tokens,
             # r capped at half the patch tokens as its merge caps it (never below 0)
             r = max(0, min(t - self.final_tokens(self.input_tokens), (t - 1) // 2))
-        elif r > (t - 1) // 2 and layer in self.r_per_layer:
+        elif r > (t - 1) // 2:  # r is 0 off the merge layers
             raise ValueError(f"R-MeeTo r={r} at block {layer} is larger than allowed: {t - 1} patch tokens enter that "
                              f"block, so at most {(t - 1) // 2} can merge there")
         if layer in self.r_per_layer and (r > 0 or self.order == "shuffled"):
