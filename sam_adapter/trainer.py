@@ -165,11 +165,12 @@ def _teacher_meta(cfg: Dict[str, Any], img_size: int) -> Dict[str, Any]:
             "img_size": img_size, "model": cfg["model"]["overrides"] if not checkpoint else None}
 
 
-def _validation_set(cfg: Dict[str, Any], img_size: int, strict: bool) -> SA1BDataset:
+def _validation_set(cfg: Dict[str, Any], img_size: int, mask_size: int, strict: bool) -> SA1BDataset:
     """Every mask (up to 32 per image), box prompts without noise: the same figure in every epoch and run."""
     d = cfg["data"]
     refs = select_subset(find_samples(Path(d["val_root"]), None, strict), None, d["val_count"], cfg["seed"])
-    return SA1BDataset(refs, img_size, max(d["max_masks"], 32), 0.0, cfg["seed"], strict, box_fraction=1.0)
+    return SA1BDataset(refs, img_size, max(d["max_masks"], 32), 0.0, cfg["seed"], strict, box_fraction=1.0,
+                       mask_size=mask_size)
 
 
 def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Dict[str, Any]:
@@ -184,7 +185,10 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     student.train()
     img_size = student.image_encoder.img_size
     refs = select_subset(find_samples(Path(d["root"]), d["shards"], strict), d["fraction"], d["count"], cfg["seed"])
-    dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"])
+    # the mask decoder's low-resolution output: 4 x the encoder's grid (S/4 for 16-pixel patches)
+    mask_size = 4 * img_size // getattr(student.image_encoder, "patch_size", 16)
+    dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"],
+                          mask_size=mask_size)
     layers = cfg["loss"]["distill_layers"] or []
     layers = cfg["loss"]["distill_layers"] = [layers] if isinstance(layers, int) else list(layers)
     if layers and teacher is None:
@@ -210,7 +214,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
                        "set data.val_root to an SA-1B-format folder, or data.val_root=null to silence this",
                        d["val_root"])
     elif d["val_root"]:
-        validate = partial(evaluate_box_miou, student, _validation_set(cfg, img_size, strict), device, amp, rank, world)
+        validate = partial(evaluate_box_miou, student, _validation_set(cfg, img_size, mask_size, strict), device, amp, rank, world)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         teacher_embed, teacher_layers = None, []

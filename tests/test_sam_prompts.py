@@ -171,3 +171,33 @@ def test_decoding_prompts_of_several_images_at_once_equals_the_stock_decoder(mul
             torch.testing.assert_close(batched[rows], stock, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(iou[rows], stock_iou, atol=1e-5, rtol=1e-4)
     assert batched.shape == (5, 3 if multimask else 1, 64, 64)
+
+
+def test_other_patch_sizes_train_at_their_own_mask_resolution(tmp_path):
+    """8-pixel patches: the decoder's low-res masks are 4 x the 32 x 32 grid = 128; the dataset's
+    targets, the corrective clicks (stride 2) and the loss follow it."""
+    write_sa1b(tmp_path, 1, seed=7)
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **dict(TINY, patch_size=8), out_chans=64)
+    mask_size = 4 * sam.image_encoder.img_size // sam.image_encoder.patch_size
+    ds = SA1BDataset(find_samples(tmp_path), img_size=256, max_masks=4, box_noise=0.0, seed=0, mask_size=mask_size)
+    item = ds[0]
+    n = int(item["valid"].sum())
+    assert item["masks"].shape[-2:] == (128, 128)
+    with torch.no_grad():
+        embedding = sam.image_encoder(item["image"][None])
+        pe = sam.prompt_encoder.get_dense_pe()
+        sparse, dense = sam.prompt_encoder(points=None, boxes=item["boxes"][:n], masks=None)
+        logits, _ = decode_per_prompt(sam.mask_decoder, embedding.expand(n, -1, -1, -1), pe, sparse, dense, False)
+    assert logits.shape[-2:] == item["masks"].shape[-2:]
+    losses = interactive_losses(sam, embedding, pe, item["masks"][:n], item["input_hw"], item["boxes"][:n], None, 1, 0,
+                                WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    # clicks at stride 2 land on the error cell they were drawn from
+    targets = item["masks"][:n]
+    coords, labels = sample_error_clicks(-torch.ones_like(targets), targets, item["input_hw"], stride=2)
+    cells = (coords[:, 0] // 2).long()
+    assert bool((targets[torch.arange(n), cells[:, 1], cells[:, 0]] == 1).all())
+    assert bool((labels == 1).all())
+    with pytest.raises(ValueError, match="mask_size"):
+        SA1BDataset(find_samples(tmp_path), img_size=256, mask_size=100)

@@ -130,7 +130,8 @@ class SA1BDataset(torch.utils.data.Dataset):
     Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy with noise and
     ``points`` (M, 1, 2) one positive point inside each mask, both in the input frame exactly as
     ``SamPredictor`` maps an image's pixel coordinates (``ResizeLongestSide``);
-    ``masks`` (M, S/4, S/4) float targets at the mask decoder's resolution; ``valid`` (M,)
+    ``masks`` (M, R, R) float targets at the mask decoder's resolution R = ``mask_size`` (SAM: 4 x
+    the encoder's grid, S/4 for 16-pixel patches); ``valid`` (M,)
     which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``input_hw``
     (2,) the resized image's size inside the padded input; ``index``
     the sample's position in ``refs`` (for the teacher-embedding cache). Randomness comes from
@@ -138,8 +139,11 @@ class SA1BDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, refs: List[SampleRef], img_size: int = 1024, max_masks: int = 16, box_noise: float = 0.1,
-                 seed: int = 0, strict: bool = False, box_fraction: float = 0.5) -> None:
+                 seed: int = 0, strict: bool = False, box_fraction: float = 0.5, mask_size: Optional[int] = None) -> None:
         self.refs, self.img_size, self.max_masks, self.box_fraction = refs, img_size, max_masks, box_fraction
+        self.mask_size = img_size // 4 if mask_size is None else mask_size
+        if img_size % self.mask_size:
+            raise ValueError(f"mask_size {self.mask_size} does not divide img_size {img_size}")
         self.box_noise, self.seed, self.strict, self.epoch = box_noise, seed, strict, 0
         self.transform = ResizeLongestSide(img_size)
 
@@ -206,7 +210,8 @@ class SA1BDataset(torch.utils.data.Dataset):
         rh, rw = resized.shape[:2]
         pixels = np.zeros((s, s, 3), np.float32)
         pixels[:rh, :rw] = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
-        low = s // 4
+        low = self.mask_size
+        stride = s // low
         targets = np.zeros((m, low, low), np.float32)
         boxes = np.zeros((m, 4), np.float32)
         points = np.zeros((m, 1, 2), np.float32)
@@ -226,7 +231,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             points[slot, 0] = self.transform.apply_coords(np.array([[xs[k], ys[k]]], np.float32), original)[0]
             full = np.zeros((s, s), np.float32)
             full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
-            targets[slot] = full.reshape(low, 4, low, 4).mean(axis=(1, 3)) >= 0.5
+            targets[slot] = full.reshape(low, stride, low, stride).mean(axis=(1, 3)) >= 0.5
             valid[slot] = True
         return {
             "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),

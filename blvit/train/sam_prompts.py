@@ -50,14 +50,16 @@ def decode_per_prompt(decoder: nn.Module, embeddings: torch.Tensor, image_pe: to
 
 
 def sample_error_clicks(logits: torch.Tensor, target: torch.Tensor, input_hw: torch.Tensor,
-                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        generator: Optional[torch.Generator] = None,
+                        stride: int = MASK_STRIDE) -> Tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per mask, uniform over the error region of the prediction.
 
     Args:
-        logits: (M, h, w) previous low-resolution mask logits (h = w = S / 4).
+        logits: (M, h, w) previous low-resolution mask logits (h = w = S / stride; SAM: S / 4).
         target: (M, h, w) {0, 1} ground truth at the same resolution.
         input_hw: (2,) or (M, 2) height and width of the resized image inside the padded
             (S, S) input; clicks never land on the padding.
+        stride: input pixels per low-resolution cell (4 for 16-pixel patches, 2 for 8-pixel ones).
     Returns:
         coords (M, 1, 2) float (x, y) in the input frame and labels (M, 1) int: 1 in a missed
         region, 0 in a false-positive region, -1 (no point) where the prediction is exact.
@@ -65,7 +67,7 @@ def sample_error_clicks(logits: torch.Tensor, target: torch.Tensor, input_hw: to
     m, h, w = target.shape
     device = target.device
     size = input_hw.to(device).reshape(-1, 2).expand(m, 2)
-    cells = -(-size // MASK_STRIDE)  # cells holding any image pixel
+    cells = -(-size // stride)  # cells holding any image pixel
     inside = ((torch.arange(h, device=device)[None, :, None] < cells[:, 0, None, None])
               & (torch.arange(w, device=device)[None, None, :] < cells[:, 1, None, None]))
     truth = target > 0.5
@@ -75,9 +77,9 @@ def sample_error_clicks(logits: torch.Tensor, target: torch.Tensor, input_hw: to
     weights = torch.where(has_error[:, None], flat, inside.flatten(1)).float()
     cell = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (M,)
     r, c = cell // w, cell % w
-    offset = torch.randint(0, MASK_STRIDE, (m, 2), device=device, generator=generator)
-    x = torch.minimum(c * MASK_STRIDE + offset[:, 0], size[:, 1] - 1)
-    y = torch.minimum(r * MASK_STRIDE + offset[:, 1], size[:, 0] - 1)
+    offset = torch.randint(0, stride, (m, 2), device=device, generator=generator)
+    x = torch.minimum(c * stride + offset[:, 0], size[:, 1] - 1)
+    y = torch.minimum(r * stride + offset[:, 1], size[:, 0] - 1)
     labels = truth[torch.arange(m, device=device), r, c].long()
     labels = torch.where(has_error, labels, torch.full_like(labels, NOT_A_POINT))
     return torch.stack([x, y], -1).float()[:, None], labels[:, None].int()
@@ -126,7 +128,8 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
     rounds = []
     for round_ in range(1 + click_rounds + refine_rounds):
         if round_ > 0 and round_ not in refine_only:
-            new_coords, new_labels = sample_error_clicks(mask_input[:, 0], targets, input_hw)
+            new_coords, new_labels = sample_error_clicks(mask_input[:, 0], targets, input_hw,
+                                                         stride=sam.image_encoder.img_size // targets.shape[-1])
             coords, labels = torch.cat([coords, new_coords], 1), torch.cat([labels, new_labels], 1)
         sparse, dense = sam.prompt_encoder(points=(coords, labels) if coords.shape[1] else None, boxes=boxes,
                                            masks=mask_input)
