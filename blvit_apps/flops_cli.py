@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 
 from blvit.flops import analytic_sam_encoder_macs, count_macs_on_meta
 
-from sam_adapter.build import stock_encoder
+from sam_adapter.build import build_sam_from_config, stock_encoder
 from sam_adapter.config import DENSE_SOURCE, VARIANTS, make_config
 from sam_adapter.image_encoder import BigLittleImageEncoder
 
@@ -29,6 +29,13 @@ def flops_rows(variants: Sequence[str] = ("b+t", "h+b"), keep_ratio: float = 0.2
         dense = count_macs_on_meta(lambda: BigLittleImageEncoder(dense_cfg), shape)
         rows.append(dict(encoder=f"dense {stock_name} (blvit, SDPA)", gmacs=dense / 1e9,
                          analytic_gmacs=analytic_sam_encoder_macs(dense_cfg)["total"] / 1e9, ratio=dense / stock))
+        if VARIANTS[variant].get("reduction"):  # token-reduction baselines at their defaults; no analytic count
+            cfg = make_config(variant, img_size=img_size)
+            setting = f"merge r {cfg.merge_r}" if cfg.reduction == "tome" else f"keep {cfg.keep_ratio}"
+            measured = count_macs_on_meta(lambda: build_sam_from_config(cfg).image_encoder, shape)
+            rows.append(dict(encoder=f"{variant} {setting}", gmacs=measured / 1e9, analytic_gmacs=None,
+                             ratio=measured / stock))
+            continue
         cfg = make_config(variant, keep_ratio=keep_ratio, img_size=img_size)
         measured = count_macs_on_meta(lambda: BigLittleImageEncoder(cfg), shape)
         rows.append(dict(encoder=f"bLViT-SAM {variant} keep {keep_ratio}", gmacs=measured / 1e9,
@@ -47,8 +54,9 @@ def markdown_table(rows: List[Dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", nargs="+", default=["b+t", "h+b"], choices=sorted(VARIANTS),
-                        help="bLViT-SAM variants (each next to its dense and stock SAM encoders)")
-    parser.add_argument("--keep-ratio", type=float, default=0.25)
+                        help="bLViT-SAM variants or token-reduction baselines (evit-b, tome-h, ...; at their "
+                             "default keep / merge), each next to its dense and stock SAM encoders")
+    parser.add_argument("--keep-ratio", type=float, default=0.25, help="of b+t / h+b")
     parser.add_argument("--img-size", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)

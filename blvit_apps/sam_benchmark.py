@@ -29,13 +29,24 @@ from blvit.utils.io import atomic_write_text, load_checked
 
 from sam_adapter.build import build_sam_from_config, sam_from_encoder, stock_encoder
 from sam_adapter.checkpoint import _is_new_parameter
-from sam_adapter.config import DENSE_SOURCE, make_config
+from sam_adapter.config import DENSE_SOURCE, VARIANTS, make_config
 
 DEFAULT_ENCODERS = ("vit_b", "dense_vit_b", "b+t@0.25", "b+t@0.5", "vit_h", "dense_vit_h", "h+b@0.25", "h+b@0.5")
 # dense bf16 tensor-core peak, TFLOP/s (spec sheets; SXM parts)
 # Timed runs further apart than this (slowest / fastest) mean the machine was doing something else.
 BUSY_SPREAD = 1.5
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def encoder_options(layout: str, value: str) -> Dict[str, Any]:
+    """Config overrides of NAME@VALUE: the keep ratio (b+t, h+b, EViT, Evo-ViT) or ToMe's merge_r;
+    without a value, a token-reduction baseline keeps its default and b+t / h+b run at keep 1."""
+    reduction = VARIANTS[layout].get("reduction", "")
+    if reduction == "tome":
+        return {"merge_r": int(value)} if value else {}
+    if reduction:
+        return {"keep_ratio": float(value)} if value else {}
+    return {"keep_ratio": float(value) if value else 1.0}
 
 
 def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[str, nn.Module]:
@@ -47,6 +58,7 @@ def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[s
         variant, _, keep = base.partition("@")
         if variant.replace("dense_", "") not in DENSE_SOURCE:
             raise ValueError(f"unknown encoder {name!r}; use vit_b|vit_l|vit_h, dense_vit_*, b+t@KEEP, h+b@KEEP, "
+                             "evit-b|evit-h|evovit-b|evovit-h[@KEEP], tome-b|tome-h[@R], "
                              f"optionally /BACKEND for this toolkit's encoders ({', '.join(ATTENTION_BACKENDS)})")
         family = DENSE_SOURCE[variant.replace("dense_", "")]
         if backend and variant == family:
@@ -68,7 +80,7 @@ def build_encoders(names: Sequence[str], img_size: int, seed: int = 0) -> Dict[s
             enc.load_state_dict(stock[family])
         else:
             layout = family if variant.startswith("dense_") else variant
-            cfg = make_config(layout, img_size=img_size, keep_ratio=float(keep or 0.25) if keep else 1.0)
+            cfg = make_config(layout, img_size=img_size, **encoder_options(layout, keep))
             enc = build_sam_from_config(cfg).image_encoder
             load_checked(enc, stock[family], f"<random {family}>", "image encoder", _is_new_parameter)
             set_attention_backend(enc, backend or "sdpa")

@@ -46,6 +46,7 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
     """
     from sam_adapter.build import build_sam_blvit, build_sam_from_checkpoint, build_sam_stock, sam_model_registry
     from sam_adapter.checkpoint import FORMAT
+    from sam_adapter.config import VARIANTS
 
     if model not in sam_model_registry:
         raise ValueError(f"unknown --model {model!r}; choose one of {sorted(sam_model_registry)}")
@@ -64,6 +65,10 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         sam = build_sam_stock(model, checkpoint)
     elif own_format:
         sam = build_sam_from_checkpoint(checkpoint, keep_ratio)
+        stored = sam.image_encoder.config.reduction
+        if not model.startswith("dense_") and stored != VARIANTS[model].get("reduction", ""):
+            raise ValueError(f"{checkpoint}: holds a {stored or 'bLViT'} encoder ({sam.image_encoder.config.name!r}) "
+                             f"but --model {model} asks for {VARIANTS[model].get('reduction') or 'bLViT'}")
         dense_wanted, dense_found = model.startswith("dense_"), sam.image_encoder.config.is_dense
         if dense_wanted != dense_found:
             raise ValueError(f"{checkpoint}: holds a {'dense' if dense_found else 'bLViT'} encoder "
@@ -72,10 +77,12 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
     elif model.startswith("dense_"):
         sam = sam_model_registry[model](checkpoint)
     else:
-        if checkpoint is not None:
+        reduction = VARIANTS[model].get("reduction")
+        if checkpoint is not None and not reduction:
             warnings.warn(f"{checkpoint} is not a bLViT-SAM checkpoint: loading it as an official SAM file into the "
                           f"P-blocks; E-blocks and predictors stay UNTRAINED", UserWarning, stacklevel=2)
-        sam = build_sam_blvit(model, sam_checkpoint=checkpoint, keep_ratio=keep_ratio or 0.25)
+        # a token-reduction baseline has no parameters of its own: an official SAM file is all of it
+        sam = build_sam_blvit(model, sam_checkpoint=checkpoint, keep_ratio=keep_ratio or (None if reduction else 0.25))
     encoder = sam.image_encoder
     info.update(encoder=type(encoder).__name__, img_size=int(encoder.img_size))
     if model not in STOCK:

@@ -13,6 +13,7 @@ from blvit.utils.io import CheckpointError, PathLike, read_checkpoint, unwrap_st
 from .checkpoint import FORMAT, load_blvit_sam_checkpoint, load_checked, load_e_blocks_from_sam, load_sam_checkpoint
 from .config import DENSE_SOURCE, BigLittleSamConfig, make_config
 from .image_encoder import BigLittleImageEncoder
+from .token_reduction import TokenReductionImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,17 @@ def stock_encoder(family: str, img_size: int = 1024) -> ImageEncoderViT:
 
 
 def build_sam_from_config(config: BigLittleSamConfig) -> Sam:
-    return sam_from_encoder(BigLittleImageEncoder(config), config.out_chans)
+    """A Sam whose encoder is the one ``config`` describes: bLViT or dense (``BigLittleImageEncoder``),
+    or a token-reduction baseline (``TokenReductionImageEncoder``, ``config.reduction`` set)."""
+    encoder = TokenReductionImageEncoder(config) if config.reduction else BigLittleImageEncoder(config)
+    return sam_from_encoder(encoder, config.out_chans)
 
 
 def build_sam_blvit(
     variant: str = "b+t",
     checkpoint: Optional[PathLike] = None,
     sam_checkpoint: Optional[PathLike] = None,
-    keep_ratio: float = 0.25,
+    keep_ratio: Optional[float] = None,
     e_checkpoint: Optional[PathLike] = None,
     **overrides: Any,
 ) -> Sam:
@@ -85,13 +89,16 @@ def build_sam_blvit(
         sam_checkpoint: an official SAM file (``sam_vit_b_01ec64.pth`` for b+t,
             ``sam_vit_h_4b8939.pth`` for h+b): its encoder initialises the dense layers and
             P-blocks; its prompt encoder and mask decoder are kept.
-        keep_ratio: fraction of tokens per window the P-blocks process.
+        keep_ratio: fraction of tokens per window the P-blocks process (EViT / Evo-ViT: kept
+            per stage / slow tokens); None: the variant's default (0.25 for b+t and h+b).
         e_checkpoint: a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks.
         **overrides: any ``BigLittleSamConfig`` field (unknown names are an error).
     Returns:
         a ``segment_anything.modeling.Sam`` in eval mode, on the CPU.
     """
-    config = make_config(variant, keep_ratio=keep_ratio, **overrides)
+    if keep_ratio is not None:
+        overrides["keep_ratio"] = keep_ratio
+    config = make_config(variant, **overrides)
     sam = build_sam_from_config(config)
     if sam_checkpoint is not None:
         kept = load_sam_checkpoint(sam, sam_checkpoint, DENSE_SOURCE.get(variant))
@@ -160,4 +167,5 @@ sam_model_registry: Dict[str, Callable[..., Sam]] = {
     "dense_vit_h": _dense_builder("vit_h"),
     "b+t": _blvit_builder("b+t"),
     "h+b": _blvit_builder("h+b"),
+    **{name: _blvit_builder(name) for name in ("evit-b", "evit-h", "evovit-b", "evovit-h", "tome-b", "tome-h")},
 }

@@ -5,7 +5,9 @@ from typing import Any, Dict, Optional, Tuple
 from blvit.layout import layout_problems, variant_config
 
 # Fields that change the function but not the parameters: a checkpoint may be used with others.
-RUNTIME_FIELDS = ("keep_ratio", "gamma_init")
+RUNTIME_FIELDS = ("keep_ratio", "gamma_init", "merge_r")
+# Token-reduction baselines on the dense layout (sam_adapter/token_reduction.py); "" = bLViT / dense.
+REDUCTIONS = ("", "evit", "evovit", "tome")
 
 
 @dataclass
@@ -39,9 +41,16 @@ class BigLittleSamConfig:
     gamma_init: float = 0.0
     fusion: str = "gated"
     router_score: str = "softmax"
+    # token-reduction baselines (dense layout, no big.LITTLE layers): "evit" / "evovit" keep
+    # keep_ratio of each window's tokens from reduction_layers on, "tome" merges merge_r tokens
+    # per window in every layer from min(reduction_layers); score_momentum: Evo-ViT's running score
+    reduction: str = ""
+    reduction_layers: Tuple[int, ...] = ()
+    merge_r: int = 0
+    score_momentum: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("global_attn_indexes", "blvit_layers", "predictor_layers", "e_block_layers"):
+        for name in ("global_attn_indexes", "blvit_layers", "predictor_layers", "e_block_layers", "reduction_layers"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(sorted(int(v) for v in value)))
@@ -54,6 +63,19 @@ class BigLittleSamConfig:
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
             problems.append(f"global_attn_indexes {bad} outside 0..{self.depth - 1}")
+        if self.reduction not in REDUCTIONS:
+            problems.append(f"reduction {self.reduction!r} not one of {REDUCTIONS}")
+        elif self.reduction:
+            if self.blvit_layers:
+                problems.append(f"reduction {self.reduction!r} runs on the dense layout: blvit_layers must be empty")
+            if not self.reduction_layers or not all(0 <= i < self.depth for i in self.reduction_layers):
+                problems.append(f"reduction_layers {self.reduction_layers} must be non-empty, in 0..{self.depth - 1}")
+            if self.reduction == "evovit" and min(self.reduction_layers or (0,)) == 0:
+                problems.append("evovit needs reduction_layers to start after layer 0 (its scores come from the layer before)")
+            if self.merge_r < 0:
+                problems.append(f"merge_r {self.merge_r} must be >= 0")
+            if not 0.0 <= self.score_momentum < 1.0:
+                problems.append(f"score_momentum {self.score_momentum} must be in [0, 1)")
         if problems:
             raise ValueError(f"invalid bLViT-SAM config {self.name!r}: " + "; ".join(problems))
 
@@ -63,7 +85,7 @@ class BigLittleSamConfig:
 
     @property
     def is_dense(self) -> bool:
-        return not self.blvit_layers
+        return not self.blvit_layers and not self.reduction
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -91,6 +113,19 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
         _VIT_H, e_embed_dim=768, e_num_heads=12, blvit_layers=tuple(range(9, 32)),
         e_block_layers=tuple(range(9, 32, 2)), predictor_layers=(9, 17, 25),
     ),
+    # Token-reduction baselines of the paper's Table 2 on SAM's own layouts (docs/method.md,
+    # "Token reduction on SAM"); the defaults give about the encoder FLOPs of B+T / H+B at 1024.
+    # EViT: reduce where EViT does in DeiT-B (before blocks 4, 7, 10 of 12) and where H+B's
+    # predictors sit in ViT-H; Evo-ViT: slow-fast from H+B's / EViT's first reduced layer;
+    # ToMe: merge in every layer.
+    "evit-b": dict(_VIT_B, **_DENSE, reduction="evit", reduction_layers=(3, 6, 9), keep_ratio=0.6),
+    # measured at 1024 (blvit-flops): evit-b 0.594, evovit-b 0.605, tome-b 0.593 of dense ViT-B
+    # (B+T: 0.605); evit-h 0.781, evovit-h 0.793, tome-h 0.782 of dense ViT-H (H+B: 0.789)
+    "evit-h": dict(_VIT_H, **_DENSE, reduction="evit", reduction_layers=(9, 17, 25), keep_ratio=0.75),
+    "evovit-b": dict(_VIT_B, **_DENSE, reduction="evovit", reduction_layers=(3,), keep_ratio=0.4),
+    "evovit-h": dict(_VIT_H, **_DENSE, reduction="evovit", reduction_layers=(9,), keep_ratio=0.6),
+    "tome-b": dict(_VIT_B, **_DENSE, reduction="tome", reduction_layers=(0,), merge_r=15),
+    "tome-h": dict(_VIT_H, **_DENSE, reduction="tome", reduction_layers=(0,), merge_r=4),
     # This toolkit's dense encoders (SDPA attention) in the stock SAM layouts.
     "vit_b": dict(_VIT_B, **_DENSE),
     "vit_l": dict(_VIT_L, **_DENSE),
@@ -98,7 +133,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 # The stock SAM model whose encoder each variant's P-blocks come from.
-DENSE_SOURCE = {"b+t": "vit_b", "h+b": "vit_h", "vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h"}
+DENSE_SOURCE = {"b+t": "vit_b", "h+b": "vit_h", "vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h",
+                "evit-b": "vit_b", "evit-h": "vit_h", "evovit-b": "vit_b", "evovit-h": "vit_h",
+                "tome-b": "vit_b", "tome-h": "vit_h"}
 
 
 def make_config(variant: str = "b+t", **overrides: Any) -> BigLittleSamConfig:

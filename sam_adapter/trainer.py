@@ -144,7 +144,7 @@ def build_models(cfg: Dict[str, Any]):
     if cfg["task"] == "sam_distill":
         enc_cfg = student.image_encoder.config
         dense_cfg = dataclasses.replace(enc_cfg, name="dense", blvit_layers=(), predictor_layers=(),
-                                        e_block_layers=(), e_embed_dim=0)
+                                        e_block_layers=(), e_embed_dim=0, reduction="", reduction_layers=())
         teacher_sam = build_sam_from_config(dense_cfg)
         if cfg["teacher"]["checkpoint"]:
             load_sam_checkpoint(teacher_sam, cfg["teacher"]["checkpoint"])
