@@ -138,8 +138,12 @@ class SamTrainingModule(nn.Module):
 def build_models(cfg: Dict[str, Any]):
     """The student Sam and (for distillation) the frozen dense teacher encoder."""
     m = cfg["model"]
+    overrides = dict(m["overrides"])
+    if m["keep_ratio"] is not None and "keep_ratio" in overrides:
+        raise ValueError("model.keep_ratio and model.overrides.keep_ratio both set: give one")
+    keep_ratio = m["keep_ratio"] if m["keep_ratio"] is not None else overrides.pop("keep_ratio", None)
     student = build_sam_blvit(m["variant"], checkpoint=m["checkpoint"], sam_checkpoint=m["sam_checkpoint"],
-                              keep_ratio=m["keep_ratio"], e_checkpoint=m["e_checkpoint"], **m["overrides"])
+                              keep_ratio=keep_ratio, e_checkpoint=m["e_checkpoint"], **overrides)
     teacher = None
     if cfg["task"] == "sam_distill":
         enc_cfg = student.image_encoder.config

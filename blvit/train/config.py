@@ -51,7 +51,7 @@ SAM_DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "model": {
         "variant": "b+t",
-        "keep_ratio": 0.25,
+        "keep_ratio": None,  # None: the variant's default (b+t / h+b 0.25; evit-b 0.6, ... see sam_adapter/config.py)
         "overrides": {},  # any BigLittleSamConfig field
         "sam_checkpoint": None,  # official SAM .pth (or a dense checkpoint of this toolkit) for the P-blocks
         "checkpoint": None,  # a bLViT-SAM checkpoint of this toolkit
