@@ -264,7 +264,7 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
             if report is None:  # another torchrun rank: rank 0 writes the table
                 continue
             row[f"mIoU {label}"] = report["mIoU"]
-            row.update({k: report.get(k) for k in ("layout", "keep_ratio", "encoder_gmacs", "input_size")})
+            row.update({k: report.get(k) for k in ("layout", "keep_ratio", "merge_r", "encoder_gmacs", "input_size")})
         if args.detections is not None:
             report = run(["instances", *data, "--detections", str(args.detections), *model_args, *options,
                           "--out", str(out_dir / slug / "instances.json")])
@@ -280,7 +280,8 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["model"] + (f" ({Path(r['checkpoint']).name})" if r["checkpoint"] else ""),
-                                         str(r.get("layout") or "stock"), _fmt(r.get("keep_ratio"))]
+                                         str(r.get("layout") or "stock"),
+                                         f"r {r['merge_r']}" if r.get("merge_r") is not None else _fmt(r.get("keep_ratio"))]
                                         + [_fmt(r.get(c)) for c in columns]) + " |")
     report = {"task": "table", "annotations": str(args.annotations), "detections": str(args.detections)
               if args.detections else None, "seed": args.seed, "rows": rows, "runs": str(out_dir)}

@@ -92,7 +92,10 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         info.update(attn_backend=attn_backend or "sdpa")
     if hasattr(encoder, "config"):
         # a dense layout routes nothing: its config's keep ratio means nothing
-        info.update(layout=encoder.config.name, keep_ratio=None if encoder.config.is_dense else encoder.config.keep_ratio)
+        cfg = encoder.config
+        tome = cfg.reduction == "tome"  # ToMe's knob is merge_r: its keep ratio means nothing
+        info.update(layout=cfg.name, keep_ratio=None if cfg.is_dense or tome else cfg.keep_ratio,
+                    merge_r=cfg.merge_r if tome else None)
     return sam.eval(), info
 
 

@@ -133,9 +133,15 @@ def gathered_bias(attn: nn.Module, q: torch.Tensor, row: torch.Tensor, col: torc
     if attn.use_rel_pos:
         row, col = row.clamp(0, key_grid[0] - 1), col.clamp(0, key_grid[1] - 1)
         bias_h, bias_w = axis_rel_pos_biases(q, row, col, attn.rel_pos_h, attn.rel_pos_w, key_grid)
+        # a token without a position: its query row is zero, and as a key it reads an appended zero
+        # column (no full-size mask multiply)
+        on = has_pos[:, None, :, None].to(bias_h.dtype)
+        bias_h = F.pad(bias_h * on, (0, 1))
+        bias_w = F.pad(bias_w * on, (0, 1))
+        row = torch.where(has_pos, row, key_grid[0])
+        col = torch.where(has_pos, col, key_grid[1])
         bias = bias_h.gather(-1, row[:, None, None, :].expand(g, heads, length, length))
-        bias = bias + bias_w.gather(-1, col[:, None, None, :].expand(g, heads, length, length))
-        bias = bias * (has_pos[:, None, :, None] & has_pos[:, None, None, :])
+        bias += bias_w.gather(-1, col[:, None, None, :].expand(g, heads, length, length))
     if key_bias is not None:
         bias = bias + key_bias.to(bias.dtype)[:, None, None, :]
     return bias.to(q.dtype)
@@ -211,16 +217,26 @@ def block_attention(block: DenseBlock, t: WindowTokens, grid: Tuple[int, int], w
         bias = gathered_bias(attn, q, row, col, has_pos, key_grid, key_bias)
     received = None
     if scores:
-        logits = q_fold @ k_fold.transpose(-2, -1) if folded else (q * hd**-0.5) @ k.transpose(-2, -1) + bias
+        if folded:
+            logits = q_fold @ k_fold.transpose(-2, -1)
+        else:  # the bias added inside the matmul (one pass over the L x L logits less)
+            bias = bias.expand(groups, heads, seq, seq).reshape(groups * heads, seq, seq)
+            logits = torch.baddbmm(bias, (q * hd**-0.5).reshape(groups * heads, seq, hd),
+                                   k.reshape(groups * heads, seq, hd).transpose(1, 2)).view(groups, heads, seq, seq)
         probs = logits.float().softmax(-1).to(v.dtype)
         out = probs @ v
         # attention received, averaged over heads and over the real queries of the window
-        queries = (~t.pad).reshape(groups, 1, seq, 1).to(probs.dtype)
-        if windowed:
-            received = (probs * queries).sum((1, 2)) / (queries.sum((1, 2)) * heads).clamp(min=1)
+        real_queries = (~t.pad).to(probs.dtype)  # (B, nW, L)
+        if windowed:  # (G, 1, L) @ (G, heads, L, L): summed over the real queries by a matmul
+            summed = (real_queries.reshape(groups, 1, 1, seq) @ probs).sum(1)[:, 0]  # (G, L)
+            received = summed / (real_queries.reshape(groups, seq).sum(-1, keepdim=True) * heads).clamp(min=1)
         else:  # global layers: over the queries of the key's own window
-            per_window = (probs * queries).view(groups, heads, nw, length, seq).sum((1, 3))  # (B, nW, seq)
-            per_window = per_window.view(b, nw, nw, length)
+            per_query_window = torch.block_diag(*real_queries.reshape(b * nw, 1, length).unbind(0)) if b == 1 else None
+            if per_query_window is not None:  # (nW, seq) @ (heads, seq, seq) -> (heads, nW, seq)
+                per_window = (per_query_window @ probs[0]).sum(0).view(nw, nw, length)[None]
+            else:
+                per_window = (probs * real_queries.reshape(b, 1, seq, 1)).view(b, heads, nw, length, seq).sum((1, 3))
+                per_window = per_window.view(b, nw, nw, length)
             received = torch.diagonal(per_window, dim1=1, dim2=2).permute(0, 2, 1)
             received = received / ((~t.pad).sum(-1, keepdim=True) * heads).clamp(min=1)
         received = received.reshape(b, nw, length).float()

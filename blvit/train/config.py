@@ -40,6 +40,10 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "activation_checkpointing": False,
     "ema_decay": 0.0,  # 0: no EMA
     "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
+    # ddp: DistributedDataParallel (or fairscale's with optimizer=oss); fsdp: PyTorch's fully_shard
+    # per transformer block (bf16 mixed precision on GPU with amp), sharded checkpoints through
+    # torch.distributed.checkpoint (blvit-consolidate turns one into the single .pth eval reads)
+    "strategy": "ddp",
     "tensorboard": False,  # also log to output_dir/tensorboard (needs the tensorboard package)
     "save_every": 0,  # steps; 0: at the end of each epoch only
     "keep_last": 2,

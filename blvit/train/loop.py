@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -23,7 +24,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from blvit.utils.io import atomic_save, atomic_write_text, read_checkpoint
+from blvit.utils.io import CheckpointError, atomic_save, atomic_write_text, read_checkpoint
 
 logger = logging.getLogger("blvit.train")
 
@@ -195,7 +196,46 @@ class Task:
     extra_summary: Dict[str, Any] = field(default_factory=dict)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shard_fully(module: nn.Module, device: torch.device, amp: bool) -> nn.Module:
+    """PyTorch's FSDP (``fully_shard``): one unit per transformer block (every element of a
+    ``blocks`` ModuleList), then the rest at the root; bf16 compute with fp32 gradient reduction
+    when ``amp`` (GPU). Parameters become DTensors sharded over the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    units = [child for name, m in module.named_modules() if name.split(".")[-1] == "blocks" and isinstance(m, nn.ModuleList)
+             for child in m]
+    for unit in units:
+        fully_shard(unit, mp_policy=policy)
+    # then each direct child with parameters of its own (a task's wrapped model: Sam, its encoder
+    # called directly for validation), then the root
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
 def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
+    strategy = t["strategy"]
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown train.strategy {strategy!r}; choose one of {STRATEGIES} (fairscale's sharded "
+                         "optimizer is train.optimizer=oss with ddp)")
+    if strategy == "fsdp":
+        if t["optimizer"] != "adamw":
+            raise ValueError("train.strategy=fsdp shards the optimizer state itself: use train.optimizer=adamw")
+        if t["ema_decay"]:
+            raise ValueError("train.ema_decay is not supported with train.strategy=fsdp (the average would be sharded)")
+        if world == 1:
+            logger.info("train.strategy=fsdp in a single process: nothing to shard, plain training")
+        else:
+            shard_fully(task.module, device, uses_bf16(t, device))
+            params = [p for p in task.module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+            return task.module, optimizer, "fsdp", params
     params = [p for p in task.module.parameters() if p.requires_grad]
     name = t["optimizer"]
     if name == "oss" and world == 1:
@@ -302,6 +342,44 @@ def _elastic_progress(progress: Dict[str, Any], world: int, batch_size: int, acc
     return state
 
 
+def _sharded_state(task: Task, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """The live sharded state: the payload's weights (DTensors sharing the parameters' storage)
+    and the optimizer state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return {"model": task.payload()["model"], "optimizer": get_optimizer_state_dict(task.module, optimizer)}
+
+
+def save_sharded(task: Task, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its shards into ``folder`` (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(task, optimizer), checkpoint_id=str(folder))
+
+
+def load_sharded(task: Task, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read a sharded checkpoint into the sharded model and optimizer, whatever the number of ranks
+    that wrote it (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: the sharded checkpoint folder is missing")
+    state = _sharded_state(task, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))  # in place: the weights are the parameters' storage
+    set_optimizer_state_dict(task.module, optimizer, state["optimizer"])
+
+
+def full_payload(task: Task) -> Dict[str, Any]:
+    """``task.payload()`` with every sharded tensor gathered (a collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    payload = task.payload()
+    payload["model"] = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                        for k, v in payload["model"].items()}
+    return payload
+
+
 def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.device, resume: bool = False) -> Dict[str, Any]:
     """Train ``task`` as ``cfg['train']`` says; returns a summary (steps, checkpoints, last figures)."""
     t = cfg["train"]
@@ -330,9 +408,17 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     if resume and (ckpt_dir / "latest.txt").exists():
         path = ckpt_dir / (ckpt_dir / "latest.txt").read_text().strip()
         saved = read_checkpoint(path)
-        task.load(saved, path)
         train_state = saved["train_state"]
-        optimizer.load_state_dict(train_state["optimizer"])
+        if "sharded" in saved:  # an FSDP checkpoint: weights and optimizer state in a DCP folder
+            if optimizer_name != "fsdp":
+                raise CheckpointError(f"{path}: a sharded (train.strategy=fsdp) checkpoint; resume it with "
+                                      "train.strategy=fsdp, or consolidate it first (blvit-consolidate)")
+            load_sharded(task, optimizer, path.parent / saved["sharded"])
+        else:
+            if optimizer_name == "fsdp":
+                raise CheckpointError(f"{path}: a full (train.strategy=ddp) checkpoint; resume it with train.strategy=ddp")
+            task.load(saved, path)
+            optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         if ema is not None and "ema" in train_state:
             ema.load_state_dict(train_state["ema"])
@@ -348,27 +434,38 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         """score: higher is better, decides best.pth; None for a periodic save."""
         if optimizer_name == "oss":
             optimizer.consolidate_state_dict(recipient_rank=0)  # collective: every rank takes part
+        is_best = score is not None and score > state["best"]
+        sharded = None
+        if optimizer_name == "fsdp":  # collectives: every rank writes its shards, gathers best.pth's weights
+            sharded = f"{tag}.dcp"
+            save_sharded(task, optimizer, ckpt_dir / sharded)
+            full_weights = full_payload(task) if is_best else None
         if rank != 0:
             return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        is_best = score is not None and score > state["best"]
         if is_best:
             state["best"] = score
-        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+        train_state = {"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "rng": rng_state(),
                        "progress": dict(state, world=world, batch_size=t["batch_size"], accumulate=accumulate),
                        "config": cfg}
         if ema is not None:
             train_state["ema"] = ema.state_dict()
-        payload = dict(task.payload(), train_state=train_state)
+        if sharded:  # the .pth holds what is not sharded; the weights are in the folder beside it
+            payload = {k: v for k, v in task.payload().items() if k != "model"}
+            payload.update(train_state=train_state, sharded=sharded)
+        else:
+            payload = dict(task.payload(), train_state=train_state)
         name = f"{tag}.pth"
         atomic_save(payload, ckpt_dir / name)
         atomic_write_text(ckpt_dir / "latest.txt", name)
         if is_best:  # weights and config only (what eval and the demo read); resume reads the step files
-            weights = {k: v for k, v in payload.items() if k != "train_state"}
+            weights = full_weights if sharded else {k: v for k, v in payload.items() if k != "train_state"}
             atomic_save(dict(weights, best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
         steps = sorted(ckpt_dir.glob("step_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for old in steps[: max(0, len(steps) - t["keep_last"])]:
             old.unlink()
+            shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
