@@ -155,3 +155,52 @@ def test_elastic_resume_four_processes_to_two_keeps_the_global_batch_and_the_sam
                               f"output_dir={tmp_path / 'elastic'}", "--resume"],
                              env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "set train.global_batch=4" in refused.stderr, refused.stderr[-2000:]
+
+
+@pytest.mark.heavy
+def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
+    """train.strategy=fsdp (PyTorch's fully_shard per block) on 2 gloo processes: the losses of
+    DDP; saved sharded at step 2 (torch.distributed.checkpoint) and resumed to step 4, still
+    DDP's losses and, consolidated by blvit-consolidate, DDP's weights; best.pth is whole."""
+    import torch
+
+    from blvit_apps.consolidate import main as consolidate
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    common = [f"data.root={data}", "train.epochs=2", "data.workers=0", "train.grad_clip=1.0", "data.val_root=null",
+              "train.batch_size=2", "train.save_every=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tools/train.py"), "--config", QUICK, *common, f"output_dir={tmp_path / out}", *extra]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    torchrun("ddp", "train.max_steps=4")
+    torchrun("fsdp", "train.max_steps=2", "train.strategy=fsdp")
+    ckpts = tmp_path / "fsdp/checkpoints"
+    assert (ckpts / "step_2.dcp/.metadata").is_file()
+    assert "model" not in torch.load(ckpts / "step_2.pth", weights_only=False)  # weights are in the folder
+    torchrun("fsdp", "train.max_steps=4", "train.strategy=fsdp", "--resume")
+    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert len(ddp) == len(fsdp) == 4
+    for a, b in zip(ddp, fsdp):
+        assert abs(a - b) <= 1e-5 * abs(a), (ddp, fsdp)
+    consolidate([str(ckpts / "step_4.pth"), "--out", str(tmp_path / "whole.pth")])
+    whole = torch.load(tmp_path / "whole.pth", weights_only=False)["model"]
+    reference = torch.load(tmp_path / "ddp/checkpoints/step_4.pth", weights_only=False)["model"]
+    assert set(whole) == set(reference)
+    for key, value in reference.items():
+        assert whole[key].shape == value.shape, key
+        torch.testing.assert_close(whole[key], value, atol=1e-5, rtol=1e-4)
+    build_sam_from_checkpoint(tmp_path / "whole.pth")
+    build_sam_from_checkpoint(ckpts / "best.pth")
+    # a sharded checkpoint resumed without fsdp: refused, saying what to do
+    cmd = [sys.executable, str(ROOT / "tools/train.py"), "--config", QUICK, *common, "train.max_steps=6",
+           f"output_dir={tmp_path / 'fsdp'}", "--resume"]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "train.strategy=fsdp" in refused.stderr, refused.stderr[-2000:]

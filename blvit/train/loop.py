@@ -15,7 +15,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -206,15 +206,21 @@ def shard_fully(module: nn.Module, device: torch.device, amp: bool) -> nn.Module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    # fully_shard cannot shard 0-dim parameters (bLViT's gammas): view them as (1,), the same
+    # arithmetic by broadcasting; checkpoints give them back their own shape (scalar_parameter_keys)
+    scalars = []
+    for owner_name, owner in module.named_modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(owner, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                scalars.append(f"{owner_name}.{name}" if owner_name else name)
+    module.fsdp_scalar_parameters = scalars
     units = [child for name, m in module.named_modules() if name.split(".")[-1] == "blocks" and isinstance(m, nn.ModuleList)
              for child in m]
     for unit in units:
         fully_shard(unit, mp_policy=policy)
-    # then each direct child with parameters of its own (a task's wrapped model: Sam, its encoder
-    # called directly for validation), then the root
-    for child in module.children():
-        if any(True for _ in child.parameters()):
-            fully_shard(child, mp_policy=policy)
+    # the root holds the rest (patch embedding, neck, prompt encoder, decoder); it gathers them in
+    # its own forward, so code that calls parts directly (validation) runs under run()'s unshard()
     fully_shard(module, mp_policy=policy)
     return module
 
@@ -370,13 +376,50 @@ def load_sharded(task: Task, optimizer: torch.optim.Optimizer, folder: Path) -> 
     set_optimizer_state_dict(task.module, optimizer, state["optimizer"])
 
 
+def scalar_parameter_keys(task: Task, keys: Sequence[str]) -> List[str]:
+    """The payload keys of parameters that ``shard_fully`` viewed as (1,) (0-dim in the model)."""
+    scalars = getattr(task.module, "fsdp_scalar_parameters", [])
+    return [k for k in keys if any(name == k or name.endswith("." + k) for name in scalars)]
+
+
+def consolidate_checkpoint(path: Path, out: Path) -> Dict[str, Any]:
+    """One ``.pth`` with the whole weights (what eval and the demo read) from a sharded checkpoint:
+    ``path`` is the ``step_N.pth`` written beside its ``step_N.dcp`` folder. Runs in one process,
+    with no process group; the optimizer state is left out (resume reads the sharded folder)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    meta = read_checkpoint(path)
+    if "sharded" not in meta:
+        raise CheckpointError(f"{path}: not a sharded checkpoint (no 'sharded' entry): it is already one file")
+    folder = path.parent / meta["sharded"]
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder}: missing or incomplete sharded checkpoint folder (no .metadata)")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), str(Path(tmp) / "full.pth"))
+        full = torch.load(Path(tmp) / "full.pth", map_location="cpu", weights_only=False)
+    model = full["model"]
+    for key in meta.get("scalar_parameters", []):
+        model[key] = model[key].reshape(())
+    payload = {k: v for k, v in meta.items() if k not in ("train_state", "sharded", "scalar_parameters")}
+    payload["model"] = model
+    payload["consolidated_from"] = {"checkpoint": str(path), "step": meta["train_state"]["progress"]["step"]}
+    atomic_save(payload, out)
+    return payload
+
+
 def full_payload(task: Task) -> Dict[str, Any]:
-    """``task.payload()`` with every sharded tensor gathered (a collective: call on every rank)."""
+    """``task.payload()`` with every sharded tensor gathered and every parameter in the model's own
+    shape (a collective: call on every rank)."""
     from torch.distributed.tensor import DTensor
 
     payload = task.payload()
-    payload["model"] = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-                        for k, v in payload["model"].items()}
+    model = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in payload["model"].items()}
+    for key in scalar_parameter_keys(task, list(model)):
+        model[key] = model[key].reshape(())
+    payload["model"] = model
     return payload
 
 
@@ -453,7 +496,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
             train_state["ema"] = ema.state_dict()
         if sharded:  # the .pth holds what is not sharded; the weights are in the folder beside it
             payload = {k: v for k, v in task.payload().items() if k != "model"}
-            payload.update(train_state=train_state, sharded=sharded)
+            payload.update(train_state=train_state, sharded=sharded,
+                           scalar_parameters=scalar_parameter_keys(task, list(task.payload()["model"])))
         else:
             payload = dict(task.payload(), train_state=train_state)
         name = f"{tag}.pth"
@@ -480,16 +524,25 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     log = MetricsLog(out_dir, bool(t["tensorboard"]), rank)
 
+    def validate() -> Dict[str, float]:
+        if optimizer_name != "fsdp":
+            return task.validate()
+        task.module.unshard()  # the root's parameters: validation calls the model's parts directly
+        try:
+            return task.validate()
+        finally:
+            task.module.reshard()
+
     def validate_and_save(train_loss: float) -> None:
         score = -train_loss
         if task.validate is not None:
-            result = task.validate()
+            result = validate()
             log.write({"step": state["step"], "epoch": state["epoch"], **result})
             score = result[task.score_key]
         save(f"step_{state['step']}", score)
 
     if task.validate is not None and state["step"] == 0:
-        log.write({"step": 0, "epoch": 0, **task.validate()})
+        log.write({"step": 0, "epoch": 0, **validate()})
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0, desc="train")
     skipped_total, window, last_loss = 0, [], float("inf")
     done = state["step"] >= total_steps
