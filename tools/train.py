@@ -20,6 +20,12 @@ def main(argv=None) -> dict:
                              "without one the defaults would train a full-size b+t from a random teacher")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest.txt")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the per-GPU memory plan of this run (parameters, gradients, optimizer state per "
+                             "strategy, teacher, activations with and without checkpointing, largest batch) and exit; "
+                             "allocates nothing (meta device); SAM tasks")
+    parser.add_argument("--plan-gpus", type=int, default=8, help="--plan: number of GPUs (processes)")
+    parser.add_argument("--gpu-memory", type=float, nargs="+", default=[40, 80], help="--plan: card sizes, GB")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.root=/data/sa1b")
     args, unknown = parser.parse_known_args(argv)  # options may come after the overrides too
     if unknown:
@@ -29,6 +35,14 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    if args.plan:
+        if cfg["task"] == "classify":
+            parser.error("--plan covers the SAM tasks (sam_distill, sam_finetune)")
+        from sam_adapter.memory_plan import markdown, plan_memory
+
+        plan = plan_memory(cfg, world=args.plan_gpus, gpu_gib=args.gpu_memory)
+        print(markdown(plan))
+        return plan
     from blvit.data.imagenet import ImageFolderError
     from blvit.data.sa1b import SampleError
     from blvit.train.loop import TrainingStopped

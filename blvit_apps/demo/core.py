@@ -148,9 +148,10 @@ def _describe(sam, info: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
 
 
 def has_routing(sam) -> bool:
-    """Whether the model's encoder routes tokens (a bLViT encoder with predictor layers)."""
+    """Whether the model's encoder routes or reduces tokens (a bLViT encoder with predictor layers,
+    or an EViT / Evo-ViT / ToMe encoder)."""
     config = getattr(sam.image_encoder, "config", None)
-    return config is not None and bool(getattr(config, "predictor_layers", ()))
+    return config is not None and (bool(getattr(config, "predictor_layers", ())) or bool(getattr(config, "reduction", "")))
 
 
 def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
@@ -161,7 +162,13 @@ def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
     encoder = sam.image_encoder
     grid = encoder.config.grid_size
     maps, titles = [], []
+    reduction = getattr(encoder.config, "reduction", "")
+    what = {"evit": "tokens kept", "evovit": "slow tokens", "tome": "merged-token positions"}.get(reduction)
     for layer, s in encoder.last_selections.items():
+        if reduction:  # (B, N) bool: grid positions the layer processes
+            maps.append(s[0].view(grid, grid).float().cpu().numpy())
+            titles.append(f"{what} at layer {layer}")
+            continue
         valid = s.valid[0].cpu().numpy() if s.valid is not None else None
         maps.append(selection_map(s.flat_index[0].cpu().numpy(), valid, grid))
         titles.append(f"P-block tokens from layer {layer}")
