@@ -119,8 +119,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # predictors sit in ViT-H; Evo-ViT: slow-fast from H+B's / EViT's first reduced layer;
     # ToMe: merge in every layer.
     "evit-b": dict(_VIT_B, **_DENSE, reduction="evit", reduction_layers=(3, 6, 9), keep_ratio=0.6),
-    # measured at 1024 (blvit-flops): evit-b 0.594, evovit-b 0.605, tome-b 0.593 of dense ViT-B
-    # (B+T: 0.605); evit-h 0.781, evovit-h 0.793, tome-h 0.782 of dense ViT-H (H+B: 0.789)
+    # measured at 1024 (blvit-flops): evit-b 0.594, evovit-b 0.628, tome-b 0.593 of dense ViT-B
+    # (B+T: 0.605); evit-h 0.781, evovit-h 0.797, tome-h 0.782 of dense ViT-H (H+B: 0.789)
     "evit-h": dict(_VIT_H, **_DENSE, reduction="evit", reduction_layers=(9, 17, 25), keep_ratio=0.75),
     "evovit-b": dict(_VIT_B, **_DENSE, reduction="evovit", reduction_layers=(3,), keep_ratio=0.4),
     "evovit-h": dict(_VIT_H, **_DENSE, reduction="evovit", reduction_layers=(9,), keep_ratio=0.6),
