@@ -197,8 +197,12 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
     for key, value in reference.items():
         assert whole[key].shape == value.shape, key
         torch.testing.assert_close(whole[key], value, atol=1e-5, rtol=1e-4)
-    build_sam_from_checkpoint(tmp_path / "whole.pth")
-    build_sam_from_checkpoint(ckpts / "best.pth")
+    from eval.sam_eval import load_sam_model
+
+    for path in (tmp_path / "whole.pth", ckpts / "best.pth"):  # what blvit-eval / the demo do with them
+        sam, info = load_sam_model("b+t", str(path))
+        assert info["layout"] == "b+t"
+        build_sam_from_checkpoint(path)
     # a sharded checkpoint resumed without fsdp: refused, saying what to do
     cmd = [sys.executable, str(ROOT / "tools/train.py"), "--config", QUICK, *common, "train.max_steps=6",
            f"output_dir={tmp_path / 'fsdp'}", "--resume"]
