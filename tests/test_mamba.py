@@ -495,3 +495,45 @@ def test_vim_trains_and_counts_flops():
     d_inner, length = 64, 17
     assert macs["scan"] == 3 * 2 * selective_scan_macs(1, d_inner, length, 16)
     assert macs["total"] == macs["counted"] + macs["scan"] and macs["counted"] > 0
+
+
+@pytest.mark.parametrize("bc", ["var", "fixed", "group2"])
+@pytest.mark.parametrize("last_state", [False, True])
+def test_recomputed_chunks_give_plain_autograds_gradients(bc, last_state, monkeypatch):
+    """Training through the torch scan recomputes each chunk in backward: the same outputs, last
+    state and gradients of every input as autograd through every chunk (float64, 1e-10)."""
+    scan = importlib.import_module("blvit.mamba.selective_scan")
+    inp = {k: (v.double() if torch.is_tensor(v) else v) for k, v in _scan_inputs(batch=2, dim=4, length=45, n=3, bc=bc, seed=3).items()}
+    results = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(scan, "RECOMPUTE_IN_BACKWARD", recompute)
+        leaves = {k: inp[k].clone().requires_grad_(True) for k in SCAN_KEYS}
+        out = selective_scan(*(leaves[k] for k in SCAN_KEYS), delta_softplus=True, backend="torch", chunk_size=8,
+                             return_last_state=last_state)
+        out, state = out if last_state else (out, None)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        if state is not None:
+            loss = loss + (state * state).sum()
+        loss.backward()
+        results[recompute] = (out.detach(), state, {k: leaves[k].grad for k in SCAN_KEYS})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-10)
+    for k in SCAN_KEYS:
+        torch.testing.assert_close(results[True][2][k], results[False][2][k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+def test_training_scan_keeps_no_sequence_by_state_tensor():
+    """What autograd keeps for one scan (saved-tensor hooks): with chunk recomputation no saved
+    tensor has (batch, D, L, N) elements and the total is a fraction of plain autograd's."""
+    scan = importlib.import_module("blvit.mamba.selective_scan")
+    batch, dim, length, n = 1, 32, 197, 16
+    inp = _scan_inputs(batch=batch, dim=dim, length=length, n=n, bc="var", seed=0)
+    saved = {}
+    for recompute in (False, True):
+        sizes = []
+        leaves = {k: inp[k].clone().requires_grad_(True) for k in SCAN_KEYS}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            scan._selective_scan_torch(*(leaves[k] for k in SCAN_KEYS), delta_softplus=True, recompute=recompute)
+        saved[recompute] = sizes
+    full = batch * dim * length * n
+    assert max(saved[True]) < full / 4, max(saved[True])
+    assert sum(saved[True]) < sum(saved[False]) / 8, (sum(saved[True]), sum(saved[False]))

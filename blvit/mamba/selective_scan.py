@@ -25,8 +25,10 @@ Backends:
   ``h_t = a_t h_{t-1} + b_t`` is an associative (Hillis-Steele) scan in log2(chunk) vectorised
   steps; the state at the end of a chunk is carried into the next. Only products of the decays
   ``a_t = exp(delta_t A)`` (all in (0, 1] for A <= 0, delta >= 0) are formed, never their
-  inverses, so nothing can overflow, and no (batch, D, L, N) tensor of the whole sequence is
-  kept alive at once. Differentiable with autograd; runs on CPU and GPU.
+  inverses, so nothing can overflow. At inference no (batch, D, L, N) tensor of the whole sequence
+  exists, only one chunk's; in training the chunks are recomputed in backward
+  (``_RecomputedChunkScan``), so autograd keeps the inputs and the chunk-boundary states instead of
+  every chunk's intermediates. Runs on CPU and GPU.
 - ``"cuda"``: ``mamba_ssm``'s fused kernel (CUDA tensors and ``mamba_ssm`` installed).
 
 ``backend=None`` picks ``"cuda"`` when possible, else ``"torch"``.
@@ -55,6 +57,10 @@ __all__ = [
 
 BACKENDS = ("reference", "torch", "cuda")
 DEFAULT_CHUNK = 32
+# Training through the "torch" backend recomputes each chunk in backward (_RecomputedChunkScan).
+# False: plain autograd through every chunk (about 15 x (batch, D, L, N) floats kept per scan;
+# for comparisons and memory measurements).
+RECOMPUTE_IN_BACKWARD = True
 
 _CUDA_SCAN = None  # resolved lazily: False when mamba_ssm is not importable
 _CUDA_CONV = None
@@ -241,8 +247,79 @@ def _hillis_steele(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torc
     return a, b
 
 
+def _chunk(u, delta, A, b_all, c_all, start: int, stop: int, h: Optional[torch.Tensor]):
+    """One chunk of the blocked scan: (y (batch, D, T), state at its end (batch, D, N)).
+    ``h``: the state before the chunk, or None (zero)."""
+    d_c = delta[:, :, start:stop, None]
+    decay = torch.exp(d_c * A[:, None, :])  # (batch, D, T, N), in (0, 1] for A <= 0
+    b_c = b_all[:, :, start:stop] if b_all.shape[2] > 1 else b_all
+    c_c = c_all[:, :, start:stop] if c_all.shape[2] > 1 else c_all
+    inp = (d_c * u[:, :, start:stop, None]) * b_c
+    cum_decay, hs = _hillis_steele(decay, inp)
+    if h is not None:
+        hs = torch.addcmul(hs, cum_decay, h[:, :, None, :])
+    return (hs * c_c).sum(-1), hs[:, :, -1]
+
+
+def _chunk_bounds(length: int, chunk: int) -> List[Tuple[int, int]]:
+    return [(start, min(length, start + chunk)) for start in range(0, length, chunk)]
+
+
+class _RecomputedChunkScan(torch.autograd.Function):
+    """The blocked scan for training: the forward keeps only its inputs and the state at each
+    chunk boundary (batch, D, L / chunk, N); the backward recomputes one chunk at a time, last to
+    first, and backpropagates through it with the gradient of the next chunk's start state. Peak
+    memory: one chunk's (batch, D, chunk, N) graph instead of every chunk's (the plain autograd
+    path keeps about 15 tensors of (batch, D, L, N) per scan)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, b_all, c_all, chunk: int):
+        bounds = _chunk_bounds(u.shape[2], chunk)
+        starts, ys, h = [], [], None
+        for start, stop in bounds:
+            starts.append(h)
+            y, h = _chunk(u, delta, A, b_all, c_all, start, stop, h)
+            ys.append(y)
+        zeros = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        ctx.save_for_backward(u, delta, A, b_all, c_all, torch.stack([zeros if s is None else s for s in starts], 2))
+        ctx.bounds = bounds
+        return torch.cat(ys, dim=2), h
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last_state):
+        u, delta, A, b_all, c_all, starts = ctx.saved_tensors
+        grads = [torch.zeros_like(t) if need else None
+                 for t, need in zip((u, delta, A, b_all, c_all), ctx.needs_input_grad[:5])]
+        # gradient of the state at the end of the current chunk: the last state's own, then the
+        # next chunk's start state's
+        grad_h = grad_last_state
+        for index in range(len(ctx.bounds) - 1, -1, -1):
+            start, stop = ctx.bounds[index]
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(need) for t, need in
+                          zip((u, delta, A, b_all, c_all), ctx.needs_input_grad[:5])]
+                h0 = starts[:, :, index].detach().requires_grad_(index > 0)
+                y, h_end = _chunk(*leaves, start, stop, h0 if index > 0 else None)
+                outputs, grad_outputs = [y], [grad_y[:, :, start:stop]]
+                if grad_h is not None:
+                    outputs.append(h_end)
+                    grad_outputs.append(grad_h)
+                wrt = [leaf for leaf in leaves if leaf.requires_grad] + ([h0] if index > 0 else [])
+                found = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
+            found = list(found)
+            grad_h = found.pop() if index > 0 else None
+            for position, need in enumerate(ctx.needs_input_grad[:5]):
+                if need:
+                    g = found.pop(0)
+                    if g is not None:
+                        grads[position] += g
+        return (*grads, None)
+
+
 def _selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, chunk_size: int = DEFAULT_CHUNK):
+                          return_last_state=False, chunk_size: int = DEFAULT_CHUNK, recompute: Optional[bool] = None):
+    """``recompute``: the training path that recomputes chunks in backward (None: whenever autograd
+    records the scan, unless ``RECOMPUTE_IN_BACKWARD`` is off)."""
     dtype_in = u.dtype
     dim, length = u.shape[1], u.shape[2]
     u = u.float()
@@ -250,23 +327,19 @@ def _selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     A = A.float()
     b_all = _per_channel(B, dim)
     c_all = _per_channel(C, dim)
-    du = delta * u
-    h = None
-    ys = []
     chunk = max(1, int(chunk_size))
-    for start in range(0, length, chunk):
-        stop = min(length, start + chunk)
-        d_c = delta[:, :, start:stop, None]
-        decay = torch.exp(d_c * A[:, None, :])  # (batch, D, T, N), in (0, 1] for A <= 0
-        b_c = b_all[:, :, start:stop] if b_all.shape[2] > 1 else b_all
-        c_c = c_all[:, :, start:stop] if c_all.shape[2] > 1 else c_all
-        inp = du[:, :, start:stop, None] * b_c
-        cum_decay, hs = _hillis_steele(decay, inp)
-        if h is not None:
-            hs = torch.addcmul(hs, cum_decay, h[:, :, None, :])
-        h = hs[:, :, -1]
-        ys.append((hs * c_c).sum(-1))
-    y = torch.cat(ys, dim=2) if ys else u.new_zeros(u.shape)
+    h = None
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, b_all, c_all))
+    if recompute is None:
+        recompute = records and RECOMPUTE_IN_BACKWARD
+    if recompute and length > 0:
+        y, h = _RecomputedChunkScan.apply(u, delta, A, b_all, c_all, chunk)
+    else:
+        ys = []
+        for start, stop in _chunk_bounds(length, chunk):
+            y_c, h = _chunk(u, delta, A, b_all, c_all, start, stop, h)
+            ys.append(y_c)
+        y = torch.cat(ys, dim=2) if ys else u.new_zeros(u.shape)
     out = _finish(y, u, D, z, dtype_in)
     if return_last_state:
         if h is None:
