@@ -182,6 +182,11 @@ def add_to_tokens(
     b, n, c = x.shape
     src = update.reshape(-1, c).to(x.dtype)
     flat = x.view(b * n, c) if inplace else x.reshape(b * n, c)
+    if torch.onnx.is_in_onnx_export():
+        # index_add exports as a scatter that overwrites repeated indices (padding picks all point
+        # at token 0); scatter_add exports with reduction="add", exact with repeats
+        index = selection.gather_index[:, None].expand(-1, c)
+        return flat.scatter_add(0, index, src).view(b, n, c)
     if inplace:  # the result (x itself) is returned from the op, so a traced graph keeps the op
         return flat.index_add_(0, selection.gather_index, src).view(b, n, c)
     return flat.index_add(0, selection.gather_index, src).view(b, n, c)

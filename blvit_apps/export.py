@@ -1,0 +1,249 @@
+"""``blvit-export``: a toolkit SAM model to ONNX, checked by ONNX Runtime against PyTorch.
+
+    blvit-export --model b+t --checkpoint runs/sam_bt/checkpoints/best.pth --out exports/bt
+    blvit-export --model vit_b --checkpoint sam_vit_b_01ec64.pth --out exports/sam_b --quantize
+
+Writes into ``--out``:
+
+- ``encoder.onnx``: the image encoder, input ``image`` (1, 3, S, S) normalised and padded as
+  ``Sam.preprocess`` makes it (S = the model's input size, 1024 for the released models), output
+  ``image_embeddings`` (1, C, S/16, S/16); a bLViT encoder also outputs ``routed_<layer>``, the
+  (1, K) token indices each predictor picked (what the check compares);
+- ``decoder.onnx`` / ``decoder_single.onnx``: prompt encoder + mask decoder + post-processing
+  through segment-anything's own ``SamOnnxModel``: all four masks (the first is what
+  ``SamPredictor.predict(multimask_output=False)`` returns, the other three its multimask answer) /
+  one mask by SAM's web-demo rule (the best of the three for one or two points, else the first); inputs
+  ``image_embeddings``, ``point_coords`` (1, P, 2) and ``point_labels`` (1, P) with a dynamic
+  number of points P, ``mask_input``, ``has_mask_input``, ``orig_im_size``;
+- ``encoder.int8.onnx`` with ``--quantize`` (onnxruntime dynamic int8 quantisation of the weights);
+- ``export.json``: opset, exporter, input/output names and shapes, the check's errors.
+
+The check runs every file with onnxruntime on a fixed input and fails (exit 3) when the maximum
+absolute error against PyTorch exceeds ``--tolerance`` (default 1e-3 for fp32: outputs are of
+order 1 after the encoder's LayerNorm; ops like the relative-position gathers reorder float sums)
+or when any routed token index differs. The int8 encoder is checked by cosine similarity
+(>= 0.99 by default) since quantisation changes the numbers on purpose.
+
+Exporter: ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing). The routed encoders'
+top-k / gather / index_add trace to TopK, Gather and ScatterND with static shapes (k is fixed), which
+is what the tracing exporter handles; the dynamo exporter is selected with ``--dynamo``.
+"""
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+OPSET = 17
+DEFAULT_TOLERANCE = 1e-3
+
+
+class EncoderForExport(nn.Module):
+    """The image encoder with the routed token indices as extra outputs (bLViT encoders)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.routed = hasattr(encoder, "forward_with_selections") and bool(getattr(encoder.config, "predictor_layers", ()))
+
+    def forward(self, image: torch.Tensor):
+        if not self.routed:
+            return self.encoder(image)
+        out, selections = self.encoder.forward_with_selections(image)
+        return (out, *[s.flat_index for s in selections.values()])
+
+    def output_names(self) -> List[str]:
+        if not self.routed:
+            return ["image_embeddings"]
+        return ["image_embeddings"] + [f"routed_{layer}" for layer in self.encoder.config.predictor_layers]
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _example_image(size: int, seed: int = 0) -> torch.Tensor:
+    """A fixed, image-like normalised input: smooth shapes plus noise, zero padding at the bottom."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    base = torch.stack([torch.sin(3 * xx + 1), torch.cos(2 * yy), (xx * xx + yy * yy < 0.4).float()])
+    image = base + 0.3 * torch.randn(3, size, size, generator=g)
+    image[:, int(size * 0.75):] = 0  # the padding a non-square image leaves
+    return image[None]
+
+
+def export_encoder(sam, out: Path, opset: int, dynamo: bool) -> Dict[str, Any]:
+    wrapper = EncoderForExport(sam.image_encoder).eval()
+    size = int(sam.image_encoder.img_size)
+    example = _example_image(size)
+    path = out / "encoder.onnx"
+    names = wrapper.output_names()
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (example,), str(path), input_names=["image"], output_names=names,
+                          opset_version=opset, dynamo=dynamo)
+    return {"file": path.name, "inputs": {"image": [1, 3, size, size]}, "outputs": names, "routed": wrapper.routed}
+
+
+def export_decoders(sam, out: Path, opset: int, dynamo: bool) -> Dict[str, Any]:
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    embed_dim = sam.prompt_encoder.embed_dim
+    grid = sam.prompt_encoder.image_embedding_size
+    low_res = [4 * grid[0], 4 * grid[1]]
+    inputs = {
+        "image_embeddings": torch.randn(1, embed_dim, *grid),
+        "point_coords": torch.randint(0, int(sam.image_encoder.img_size), (1, 5, 2)).float(),
+        "point_labels": torch.randint(0, 4, (1, 5)).float(),
+        "mask_input": torch.randn(1, 1, *low_res),
+        "has_mask_input": torch.tensor([1.0]),
+        "orig_im_size": torch.tensor([480.0, 640.0]),
+    }
+    files = {}
+    for name, single in (("decoder.onnx", False), ("decoder_single.onnx", True)):
+        model = SamOnnxModel(sam, return_single_mask=single).eval()
+        with torch.no_grad():
+            torch.onnx.export(model, tuple(inputs.values()), str(out / name), input_names=list(inputs),
+                              output_names=["masks", "iou_predictions", "low_res_masks"], opset_version=opset,
+                              dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+                              dynamo=dynamo)
+        files["single" if single else "multimask"] = name
+    return {"files": files, "inputs": {k: list(v.shape) for k, v in inputs.items()},
+            "dynamic": {"point_coords": [1], "point_labels": [1]},
+            "outputs": ["masks", "iou_predictions", "low_res_masks"], "mask_input_size": low_res}
+
+
+def check_encoder(sam, out: Path, meta: Dict[str, Any], tolerance: float) -> Dict[str, Any]:
+    """ORT vs PyTorch on the fixed example: max abs error of the embeddings, routed indices equal."""
+    wrapper = EncoderForExport(sam.image_encoder).eval()
+    example = _example_image(int(sam.image_encoder.img_size))
+    with torch.no_grad():
+        ref = wrapper(example)
+    ref = [t.numpy() for t in (ref if isinstance(ref, tuple) else (ref,))]
+    got = _session(out / meta["file"]).run(None, {"image": example.numpy()})
+    error = float(np.abs(got[0] - ref[0]).max())
+    # top-k returns its picks unordered: compare the sets, window by window they are the same
+    routed_equal = all(np.array_equal(np.sort(g, -1), np.sort(r, -1)) for g, r in zip(got[1:], ref[1:]))
+    result = {"max_abs_error": error, "tolerance": tolerance, "routed_indices_equal": routed_equal,
+              "routed_layers": len(ref) - 1, "passed": error <= tolerance and routed_equal}
+    return result
+
+
+def check_decoders(sam, out: Path, meta: Dict[str, Any], tolerance: float) -> Dict[str, Any]:
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    g = torch.Generator().manual_seed(1)
+    grid = sam.prompt_encoder.image_embedding_size
+    size = int(sam.image_encoder.img_size)
+    results = {}
+    for kind, name in meta["files"].items():
+        model = SamOnnxModel(sam, return_single_mask=kind == "single").eval()
+        session = _session(out / name)
+        errors = []
+        for points in (1, 3, 7):  # the dynamic number of points, a box's two corners among them
+            inputs = {
+                "image_embeddings": torch.randn(1, sam.prompt_encoder.embed_dim, *grid, generator=g),
+                "point_coords": torch.rand(1, points, 2, generator=g) * size,
+                "point_labels": torch.tensor([[1.0] + [0.0, 2.0, 3.0, -1.0, 1.0, 0.0][: points - 1]]),
+                "mask_input": torch.zeros(1, 1, 4 * grid[0], 4 * grid[1]),
+                "has_mask_input": torch.tensor([0.0]),
+                "orig_im_size": torch.tensor([300.0, 400.0]),
+            }
+            with torch.no_grad():
+                ref = [t.numpy() for t in model(*inputs.values())]
+            got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+            # mask logits: compare where they decide something (|logit| large is still exact-ish)
+            errors.append(max(float(np.abs(a - b).max()) for a, b in zip(got, ref)))
+        results[kind] = {"max_abs_error": max(errors), "points_tried": [1, 3, 7]}
+    passed = all(r["max_abs_error"] <= tolerance for r in results.values())
+    return dict(results, tolerance=tolerance, passed=passed)
+
+
+def quantize_encoder(out: Path, meta: Dict[str, Any], sam, min_cosine: float) -> Dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = out / "encoder.int8.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):  # the quantiser prints shape-inference notes
+        quantize_dynamic(str(out / meta["file"]), str(target), weight_type=QuantType.QInt8)
+    example = _example_image(int(sam.image_encoder.img_size))
+    full = _session(out / meta["file"]).run(None, {"image": example.numpy()})[0].ravel()
+    quant = _session(target).run(None, {"image": example.numpy()})[0].ravel()
+    cosine = float(full @ quant / (np.linalg.norm(full) * np.linalg.norm(quant) + 1e-12))
+    return {"file": target.name, "cosine_to_fp32": cosine, "min_cosine": min_cosine, "passed": cosine >= min_cosine,
+            "bytes": target.stat().st_size, "fp32_bytes": (out / meta["file"]).stat().st_size}
+
+
+def export(model: str, checkpoint: Optional[str], out: Path, opset: int = OPSET, tolerance: float = DEFAULT_TOLERANCE,
+           quantize: bool = False, min_cosine: float = 0.99, dynamo: bool = False, keep_ratio: Optional[float] = None,
+           check: bool = True) -> Dict[str, Any]:
+    """Export ``model`` (a name ``blvit-eval --model`` takes) and check it; returns export.json's content."""
+    from eval.sam_eval import load_sam_model
+
+    sam, info = load_sam_model(model, checkpoint, keep_ratio)
+    sam = sam.eval().float()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    meta: Dict[str, Any] = {"model": info, "opset": opset, "img_size": int(sam.image_encoder.img_size),
+                            "exporter": "torch.onnx.export(dynamo=True)" if dynamo else
+                            "torch.onnx.export(dynamo=False): TorchScript tracing",
+                            "torch": torch.__version__, "mask_threshold": float(sam.mask_threshold),
+                            "pixel_mean": sam.pixel_mean.flatten().tolist(), "pixel_std": sam.pixel_std.flatten().tolist()}
+    meta["encoder"] = export_encoder(sam, out, opset, dynamo)
+    meta["decoder"] = export_decoders(sam, out, opset, dynamo)
+    if check:
+        meta["check"] = {"encoder": check_encoder(sam, out, meta["encoder"], tolerance),
+                         "decoder": check_decoders(sam, out, meta["decoder"], tolerance)}
+    if quantize:
+        meta["encoder_int8"] = quantize_encoder(out, meta["encoder"], sam, min_cosine)
+    meta["seconds"] = round(time.time() - started, 1)
+    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="as blvit-eval --model: vit_b, dense_vit_b, b+t, h+b, evit-b, ...")
+    parser.add_argument("--checkpoint", help="official SAM file or a checkpoint of this toolkit (none: random weights)")
+    parser.add_argument("--keep-ratio", type=float, help="override a bLViT model's keep ratio")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the .onnx files and export.json")
+    parser.add_argument("--opset", type=int, default=OPSET)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max abs error, ORT vs PyTorch (fp32)")
+    parser.add_argument("--quantize", action="store_true", help="also write encoder.int8.onnx (dynamic int8)")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="int8 encoder vs fp32: least cosine similarity")
+    parser.add_argument("--dynamo", action="store_true", help="the dynamo-based exporter instead of TorchScript tracing")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    args = parser.parse_args(argv)
+    meta = export(args.model, args.checkpoint, args.out, args.opset, args.tolerance, args.quantize, args.min_cosine,
+                  args.dynamo, args.keep_ratio, not args.no_check)
+    check = meta.get("check", {})
+    for part, result in check.items():
+        if "max_abs_error" in result:
+            error = result["max_abs_error"]
+        else:  # the decoders: the worst of the two files
+            error = max(r["max_abs_error"] for r in result.values() if isinstance(r, dict))
+        routed = ""
+        if result.get("routed_layers"):
+            routed = "; routed indices " + ("equal" if result["routed_indices_equal"] else "DIFFER")
+        print(f"{part}: max abs error {error:.2e} (tolerance {result['tolerance']:g}){routed} "
+              f"-> {'ok' if result['passed'] else 'FAILED'}")
+    if "encoder_int8" in meta:
+        q = meta["encoder_int8"]
+        print(f"int8 encoder: cosine to fp32 {q['cosine_to_fp32']:.4f}, {q['bytes'] / 2**20:.1f} MiB "
+              f"(fp32 {q['fp32_bytes'] / 2**20:.1f} MiB) -> {'ok' if q['passed'] else 'FAILED'}")
+    print(f"wrote {args.out} (export.json)")
+    failed = [p for p, r in check.items() if not r["passed"]] + (["encoder_int8"] if not meta.get("encoder_int8", {"passed": True})["passed"] else [])
+    if failed:
+        print(f"blvit-export: check FAILED for {', '.join(failed)} (see {args.out / 'export.json'})", file=sys.stderr)
+        raise SystemExit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""blvit-export (ONNX + onnxruntime check) and the PyTorch-free OnnxSamPredictor (blvit_deploy)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blvit.data.make_synthetic import HELDOUT_SEED
+from blvit.data.synthetic import render_image, split_image_id
+from sam_adapter import build_sam_blvit, save_blvit_sam_checkpoint
+
+from conftest import TINY, TINY_BT, randomize_
+
+pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {
+    "vit_b": TINY,
+    "b+t": TINY_BT,
+    # h+b's layout logic (dense prefix, E-blocks on every second big.LITTLE layer) at tiny size
+    "h+b": dict(TINY, depth=6, global_attn_indexes=(2, 5), e_embed_dim=32, e_num_heads=2, blvit_layers=(2, 3, 4, 5),
+                e_block_layers=(2, 4), predictor_layers=(2, 4)),
+}
+
+
+def _checkpoint(tmp_path, variant):
+    torch.manual_seed(0)
+    sam = build_sam_blvit(variant, keep_ratio=1.0 if variant == "vit_b" else 0.25, **LAYOUTS[variant], out_chans=64)
+    randomize_(sam, std=0.05)
+    path = tmp_path / f"{variant}.pth"
+    save_blvit_sam_checkpoint(sam, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported_bt(tmp_path_factory):
+    from blvit_apps.export import export
+
+    tmp = tmp_path_factory.mktemp("export_bt")
+    path = _checkpoint(tmp, "b+t")
+    meta = export("b+t", str(path), tmp / "onnx", quantize=True)
+    return path, tmp / "onnx", meta
+
+
+@pytest.mark.parametrize("variant", ["vit_b", "h+b"])
+def test_export_and_onnxruntime_check_pass(tmp_path, variant):
+    from blvit_apps.export import export
+
+    model = "dense_vit_b" if variant == "vit_b" else variant
+    meta = export(model, str(_checkpoint(tmp_path, variant)), tmp_path / "onnx")
+    check = meta["check"]
+    assert check["encoder"]["passed"] and check["decoder"]["passed"], check
+    assert check["encoder"]["routed_layers"] == (0 if variant == "vit_b" else 2)
+    assert json.loads((tmp_path / "onnx/export.json").read_text())["opset"] == 17
+
+
+def test_bt_export_checks_routing_and_int8(exported_bt):
+    _, out, meta = exported_bt
+    enc = meta["check"]["encoder"]
+    assert enc["routed_indices_equal"] and enc["routed_layers"] == 2 and enc["max_abs_error"] < 1e-3
+    assert meta["encoder"]["outputs"] == ["image_embeddings", "routed_1", "routed_3"]
+    q = meta["encoder_int8"]
+    assert q["passed"] and q["bytes"] < q["fp32_bytes"]
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "encoder.int8.onnx"):
+        assert (out / name).is_file()
+
+
+def test_export_fails_loudly_above_the_tolerance(exported_bt, tmp_path):
+    path, _, _ = exported_bt
+    result = subprocess.run([sys.executable, "-m", "blvit_apps.export", "--model", "b+t", "--checkpoint", str(path),
+                             "--out", str(tmp_path / "strict"), "--tolerance", "0"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "check FAILED" in result.stderr
+
+
+def test_onnx_predictor_needs_no_torch_and_agrees_with_sam_predictor(exported_bt, tmp_path):
+    """blvit_deploy in a process where importing torch fails: masks for a box and for clicks, next
+    to segment-anything's SamPredictor on the same checkpoint. The image already has the input's
+    long side (256), so no resize happens on either side (OpenCV here, PIL in SamPredictor) and the
+    masks must agree but for float rounding (random weights make masks that flip on any change)."""
+    path, out, _ = exported_bt
+    image = render_image(split_image_id(HELDOUT_SEED, 1), height=192, width=256)[0]
+    np.save(tmp_path / "image.npy", image)
+    script = f"""
+import sys, json
+sys.modules['torch'] = None; sys.modules['segment_anything'] = None
+import numpy as np
+from blvit_deploy import OnnxSamPredictor
+p = OnnxSamPredictor({str(out)!r})
+p.set_image(np.load({str(tmp_path / 'image.npy')!r}))
+box = p.predict(box=np.array([60, 20, 200, 110]), multimask_output=False)
+clicks = p.predict(point_coords=np.array([[150, 60], [40, 200]]), point_labels=np.array([1, 0]))
+np.save({str(tmp_path / 'box.npy')!r}, box[0]); np.save({str(tmp_path / 'clicks.npy')!r}, clicks[0])
+print(json.dumps({{'box_shape': list(box[0].shape), 'clicks_shape': list(clicks[0].shape), 'torch': 'torch' in sys.modules and sys.modules['torch'] is not None}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"box_shape": [1, 192, 256], "clicks_shape": [3, 192, 256], "torch": False}
+
+    from segment_anything import SamPredictor
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    predictor = SamPredictor(build_sam_from_checkpoint(path))
+    predictor.set_image(image)
+    ref_box = predictor.predict(box=np.array([60, 20, 200, 110]), multimask_output=False)[0]
+    ref_clicks = predictor.predict(point_coords=np.array([[150, 60], [40, 200]]), point_labels=np.array([1, 0]))[0]
+    for got, ref in ((np.load(tmp_path / "box.npy"), ref_box), (np.load(tmp_path / "clicks.npy"), ref_clicks)):
+        for g, r in zip(got, ref):
+            union = (g | r).sum()
+            iou = (g & r).sum() / union if union else 1.0
+            assert iou > 0.99, iou
