@@ -113,3 +113,26 @@ print(json.dumps({{'box_shape': list(box[0].shape), 'clicks_shape': list(clicks[
             union = (g | r).sum()
             iou = (g & r).sum() / union if union else 1.0
             assert iou > 0.99, iou
+
+
+def test_demo_onnx_backend_gives_the_torch_backends_mask(exported_bt, tmp_path):
+    """blvit-demo --backend onnx on the exported files and the default backend on the checkpoint:
+    the same mask and score for a box on a 256-px-wide image (no resize difference)."""
+    from PIL import Image
+
+    from blvit_apps.demo.cli import run
+
+    path, out, _ = exported_bt
+    image = render_image(split_image_id(HELDOUT_SEED, 1), height=192, width=256)[0]
+    Image.fromarray(image).save(tmp_path / "shapes.png")
+    common = ["--image", str(tmp_path / "shapes.png"), "--box", "60,20,200,110"]
+    onnx = run(common + ["--backend", "onnx", "--onnx-dir", str(out), "--json", str(tmp_path / "onnx.json")])
+    torch_ = run(common + ["--checkpoint", str(path), "--json", str(tmp_path / "torch.json")])
+    assert onnx["masks"][0]["segmentation"] == torch_["masks"][0]["segmentation"]
+    assert abs(onnx["masks"][0]["score"] - torch_["masks"][0]["score"]) < 1e-3
+    from blvit_apps.demo.core import DemoInputError
+
+    with pytest.raises(DemoInputError, match="--onnx-dir"):
+        run(common + ["--backend", "onnx"])
+    with pytest.raises(DemoInputError, match="drop --everything"):
+        run(["--backend", "onnx", "--onnx-dir", str(out), "--everything", "--image", str(tmp_path / "shapes.png")])

@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["blvit", "sam_adapter", "eval", "blvit_apps"]  # bottom to top
+LAYERS = ["blvit_deploy", "blvit", "sam_adapter", "eval", "blvit_apps"]  # bottom to top (blvit_deploy: no torch)
 
 
 def _module_name(path: Path) -> str:

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--checkpoint", help="an official SAM .pth or a checkpoint of this toolkit")
     mod.add_argument("--keep-ratio", type=float, default=None, help="bLViT: fraction of tokens the P-blocks process")
     mod.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    mod.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                     help="onnx: run the files of blvit-export with onnxruntime (--onnx-dir), without PyTorch "
+                          "in the inference path (prompted masks; not --everything / --serve / --routing)")
+    mod.add_argument("--onnx-dir", type=Path, help="--backend onnx: a folder written by blvit-export")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="overlay PNG: image, masks, prompts, scores (default overlay.png "
                                               "when no --json is given)")
@@ -158,9 +162,12 @@ def _dropped_by_thresholds(sam, image: np.ndarray, points: int, args: argparse.N
 
 
 def _prompted(sam, image: np.ndarray, coords, labels, box, args: argparse.Namespace) -> Dict[str, Any]:
-    from segment_anything import SamPredictor
+    if args.backend == "onnx":
+        predictor = sam  # an OnnxSamPredictor: SamPredictor's set_image / predict / input_size
+    else:
+        from segment_anything import SamPredictor
 
-    predictor = SamPredictor(sam)
+        predictor = SamPredictor(sam)
     start = time.perf_counter()
     predictor.set_image(image)
     encoder_s = time.perf_counter() - start
@@ -191,7 +198,7 @@ def _inputs(args: argparse.Namespace):
     _check_args(args)
     points = [parse_point(text) for text in args.point]
     box = parse_box(args.box) if args.box else None
-    device = _device(args.device)
+    device = _device(args.device) if args.backend == "torch" else None
     if args.serve:
         return device, None, None, None, None
     image = _read_image(args)
@@ -215,13 +222,38 @@ def _load(args: argparse.Namespace):
         raise err if isinstance(err, DemoInputError) else DemoInputError(str(err)) from err
 
 
+def _load_onnx(args: argparse.Namespace):
+    """--backend onnx: the exported files through blvit_deploy (numpy, OpenCV, onnxruntime)."""
+    if args.onnx_dir is None:
+        raise DemoInputError("--backend onnx needs --onnx-dir (a folder written by blvit-export)")
+    unsupported = [flag for flag, on in (("--everything", args.everything), ("--serve", args.serve),
+                                         ("--routing", args.routing), ("--model", args.model),
+                                         ("--checkpoint", args.checkpoint)) if on]
+    if unsupported:
+        raise DemoInputError(f"--backend onnx runs exported files for prompted masks; drop {', '.join(unsupported)}")
+    from blvit_deploy import OnnxSamPredictor
+
+    try:
+        predictor = OnnxSamPredictor(args.onnx_dir)
+    except FileNotFoundError as err:
+        raise DemoInputError(str(err)) from err
+    meta = predictor.meta
+    info = {"model": f"onnx:{args.onnx_dir}", "encoder": "onnxruntime (blvit-export of "
+            f"{meta['model'].get('model')})", "img_size": predictor.img_size,
+            "checkpoint": meta["model"].get("checkpoint"), "random": meta["model"].get("checkpoint") is None}
+    return predictor, info
+
+
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         device, image, coords, labels, box_arr = _inputs(args)
     except (FileNotFoundError, ValueError) as err:  # read_image's "not a readable image" is a ValueError
         raise err if isinstance(err, DemoInputError) else DemoInputError(str(err)) from err
-    sam, info = _load(args)
-    sam = sam.to(device)
+    if args.backend == "onnx":
+        sam, info = _load_onnx(args)
+    else:
+        sam, info = _load(args)
+        sam = sam.to(device)
     if args.serve:
         from .server import serve
 
