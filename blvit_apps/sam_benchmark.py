@@ -17,7 +17,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -152,12 +152,50 @@ def expand_backends(names: Sequence[str], backends: Sequence[str]) -> List[str]:
     return out
 
 
+def onnxruntime_step(enc: nn.Module, x: torch.Tensor, folder: Path) -> Callable[[], Any]:
+    """``enc`` exported (TorchScript tracing, opset 17, the input's static shape) and one ONNX Runtime
+    CPU run of it, with as many threads as torch uses."""
+    import onnxruntime as ort
+
+    path = folder / "encoder.onnx"
+    with torch.no_grad():
+        torch.onnx.export(enc, (x,), str(path), input_names=["image"], output_names=["image_embeddings"],
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
 def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], repeats: int, warmup: int,
-                  device: torch.device, amp: bool, compile_: bool = False, with_predictor: bool = True) -> List[Dict[str, Any]]:
+                  device: torch.device, amp: bool, compile_: bool = False, with_predictor: bool = True,
+                  runtimes: Sequence[str] = ("torch",)) -> List[Dict[str, Any]]:
+    """``runtimes``: "torch" (PyTorch eager, or compiled) and / or "onnxruntime" (each encoder
+    exported to ONNX and run by ONNX Runtime on the CPU), side by side on the same weights."""
+    import tempfile
+
     rows = []
     encoders = build_encoders(names, img_size)
     peak = bf16_peak(device)
+    if "onnxruntime" in runtimes and (device.type != "cpu" or amp):
+        raise ValueError("--backend onnxruntime runs on the CPU in float32: use it on a CPU machine or with --fp32")
     for position, (name, enc) in enumerate(encoders.items(), 1):
+        if "onnxruntime" in runtimes:
+            for batch in batches:
+                x = torch.randn(batch, 3, img_size, img_size)
+                with tempfile.TemporaryDirectory() as tmp:
+                    step = onnxruntime_step(enc.eval(), x, Path(tmp))
+                    times = time_call(step, device, repeats, warmup)
+                median = statistics.median(times)
+                rows.append({"encoder": f"{name} (onnxruntime)", "runtime": "onnxruntime", "batch": batch,
+                             "img_size": img_size, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times),
+                             "max_ms": 1e3 * max(times), "images_per_s": batch / median,
+                             "gmacs_per_image": module_macs_on_meta(enc, (1, 3, img_size, img_size)) / 1e9,
+                             "peak_memory_gib": None, "bf16_peak_fraction": None})
+                print(f"  {name} onnxruntime batch {batch}: {1e3 * median:.1f} ms", flush=True)
+            if "torch" not in runtimes:
+                continue
         # a line per encoder: at 1024 px on a CPU each one takes minutes
         print(f"[{position}/{len(encoders)}] {name}: batches {list(batches)}, {warmup} warm-up + {repeats} timed runs each",
               flush=True)
@@ -178,7 +216,7 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
             if len(times) > 2 and max(times) > BUSY_SPREAD * min(times):
                 warnings.warn(f"{name} batch {batch}: timed runs from {1e3 * min(times):.1f} to {1e3 * max(times):.1f} ms "
                               f"(more than {BUSY_SPREAD}x apart): the machine was busy, the medians may not compare")
-            row = {"encoder": name, "batch": batch, "img_size": img_size, "median_ms": 1e3 * median,
+            row = {"encoder": name, "runtime": "torch", "batch": batch, "img_size": img_size, "median_ms": 1e3 * median,
                    "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
                    "images_per_s": batch / median, "gmacs_per_image": macs / 1e9,
                    "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -245,6 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
     parser.add_argument("--warmup", type=int, default=5 if gpu else 1)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
+                        help="torch (PyTorch eager / --compile) and / or onnxruntime (each encoder exported to ONNX, "
+                             "run by ONNX Runtime on the CPU, fp32): the same weights side by side")
     parser.add_argument("--compile", action="store_true", help="torch.compile each encoder")
     parser.add_argument("--no-predictor", action="store_true", help="skip the SamPredictor latency")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -252,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device = torch.device("cuda" if gpu else "cpu")
     amp = not args.fp32 and gpu  # bf16 autocast on CPU is slower than float32 and says nothing about GPUs
     rows = run_benchmark(expand_backends(args.encoders, args.attn_backends), args.img_size, args.batches, args.repeats, args.warmup, device, amp,
-                         args.compile, not args.no_predictor)
+                         args.compile, not args.no_predictor, args.backend)
     report = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
               "dtype": "bf16" if amp else "float32", "torch": torch.__version__, "compile": args.compile,
               "command": "blvit-bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "rows": rows}
