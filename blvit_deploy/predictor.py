@@ -41,9 +41,22 @@ class OnnxSamPredictor:
         self.pixel_mean = np.array(self.meta["pixel_mean"], np.float32)
         self.pixel_std = np.array(self.meta["pixel_std"], np.float32)
         options = list(providers)
-        self.encoder = ort.InferenceSession(str(self.dir / encoder), providers=options)
         files = self.meta["decoder"]["files"]
-        self.decoder = ort.InferenceSession(str(self.dir / files["multimask"]), providers=options)
+        encoder_path, decoder_path = self.dir / encoder, self.dir / files["multimask"]
+        for path in (encoder_path, decoder_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (export.json in {self.dir} names it; re-run blvit-export)")
+        self.encoder = ort.InferenceSession(str(encoder_path), providers=options)
+        self.decoder = ort.InferenceSession(str(decoder_path), providers=options)
+        image_shape = list(self.encoder.get_inputs()[0].shape)
+        if image_shape != [1, 3, self.img_size, self.img_size]:
+            raise ValueError(f"{encoder_path}: takes images of shape {image_shape}, but export.json says "
+                             f"{self.img_size} px (the file is from another export)")
+        produced = list(self.encoder.get_outputs()[0].shape)
+        expected = list(self.decoder.get_inputs()[0].shape)
+        if produced != expected:
+            raise ValueError(f"{encoder_path} makes image embeddings of shape {produced} but {decoder_path} takes "
+                             f"{expected}: the encoder and decoder come from different models or sizes")
         self.mask_input_size = tuple(self.meta["decoder"]["mask_input_size"])
         self.features: Optional[np.ndarray] = None
         self.original_size: Optional[Tuple[int, int]] = None

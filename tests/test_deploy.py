@@ -136,3 +136,34 @@ def test_demo_onnx_backend_gives_the_torch_backends_mask(exported_bt, tmp_path):
         run(common + ["--backend", "onnx"])
     with pytest.raises(DemoInputError, match="drop --everything"):
         run(["--backend", "onnx", "--onnx-dir", str(out), "--everything", "--image", str(tmp_path / "shapes.png")])
+
+
+def test_onnx_predictor_bad_inputs_get_one_clear_error(exported_bt, tmp_path):
+    import shutil
+
+    from blvit_apps.export import export
+    from blvit_deploy import OnnxSamPredictor
+
+    _, out, _ = exported_bt
+    broken = tmp_path / "missing"
+    shutil.copytree(out, broken)
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="decoder.onnx: missing"):
+        OnnxSamPredictor(broken)
+    with pytest.raises(FileNotFoundError, match="no export.json"):
+        OnnxSamPredictor(tmp_path)
+    # an encoder of another size beside this decoder
+    torch.manual_seed(0)
+    small = build_sam_blvit("vit_b", keep_ratio=1.0, **dict(TINY, img_size=128), out_chans=64)
+    save_blvit_sam_checkpoint(small, tmp_path / "small.pth")
+    export("dense_vit_b", str(tmp_path / "small.pth"), tmp_path / "small", check=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copy(tmp_path / "small/encoder.onnx", mixed / "encoder.onnx")
+    with pytest.raises(ValueError, match="from another export"):
+        OnnxSamPredictor(mixed)
+    predictor = OnnxSamPredictor(out)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        predictor.set_image(np.zeros((50, 60, 3), np.float32))
+    with pytest.raises(RuntimeError, match="set_image first"):
+        predictor.predict(box=np.array([1, 2, 3, 4]))
