@@ -101,9 +101,13 @@ def test_recipes_are_valid_configs(recipe):
     from sam_adapter.config import make_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/sam" / recipe)
-    make_config(cfg["model"]["variant"], keep_ratio=cfg["model"]["keep_ratio"], **cfg["model"]["overrides"])
-    if recipe in ("bt_sa1b.yaml", "hb_sa1b.yaml"):  # the paper: 10 epochs, 2 % of SA-1B, batch 8
+    overrides = dict(cfg["model"]["overrides"])
+    if cfg["model"]["keep_ratio"] is not None:  # null: the variant's default, as the trainer reads it
+        overrides["keep_ratio"] = cfg["model"]["keep_ratio"]
+    make_config(cfg["model"]["variant"], **overrides)
+    if recipe.endswith("_sa1b.yaml"):  # the paper's Table 2 recipe: 10 epochs, 2 % of SA-1B, batch 8, distilled
         assert (cfg["train"]["epochs"], cfg["data"]["fraction"], cfg["train"]["global_batch"]) == (10, 0.02, 8)
+        assert (cfg["task"], cfg["loss"]["distill_weight"], cfg["train"]["lr"]) == ("sam_distill", 2.5, 1e-4)
 
 
 def test_teacher_embedding_cache(sa1b_root, tmp_path):
