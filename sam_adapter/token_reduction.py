@@ -38,7 +38,7 @@ At ``keep_ratio=1`` (EViT, Evo-ViT) or ``merge_r=0`` (ToMe) every token stays an
 is SAM's encoder (tested against segment-anything's ``ImageEncoderViT``).
 """
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -61,6 +61,22 @@ def tiny_sam_checkpoint(tmp_path_factory):
     return path, sam
 
 
+@pytest.fixture(scope="session")
+def official_vit_b_1024(tmp_path_factory):
+    """SAM ViT-B in the official layout with random weights, saved as an official .pth, one
+    1024 x 1024 input and the stock encoder's output on it: (path, x, ref, stock Sam)."""
+    from segment_anything import sam_model_registry as stock_registry
+
+    torch.manual_seed(0)
+    stock = randomize_(stock_registry["vit_b"](), std=0.05)
+    path = tmp_path_factory.mktemp("official_vit_b") / "sam_vit_b_random.pth"
+    torch.save(stock.state_dict(), path)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        ref = stock.image_encoder(x)
+    return path, x, ref, stock
+
+
 def interrupted_copy(run_dir: Path, copy_dir: Path, step: int) -> Path:
     """What a run killed right after checkpoint ``step`` leaves behind: ``run_dir``'s checkpoints
     up to that step, copied to ``copy_dir``/checkpoints with ``latest.txt`` pointing at it."""

@@ -10,7 +10,7 @@ from sam_adapter import BigLittleImageEncoder, build_sam_blvit, make_config, sav
 from sam_adapter.checkpoint import load_e_blocks_from_sam
 from sam_adapter.config import VARIANTS
 
-from conftest import TINY, TINY_BT, randomize_, stock_sam
+from conftest import TINY, TINY_BT, stock_sam
 
 
 def rel_err(a, b):
@@ -18,15 +18,10 @@ def rel_err(a, b):
 
 
 @pytest.mark.heavy
-def test_b_plus_t_from_official_vit_b_reproduces_stock_encoder(tmp_path):
+def test_b_plus_t_from_official_vit_b_reproduces_stock_encoder(official_vit_b_1024):
     """The real ViT-B layout at 1024 x 1024, random weights, saved as an official .pth."""
-    torch.manual_seed(0)
-    stock = randomize_(stock_registry["vit_b"](), std=0.05)
-    path = tmp_path / "sam_vit_b_random.pth"
-    torch.save(stock.state_dict(), path)
-    x = torch.randn(1, 3, 1024, 1024)
+    path, x, ref, stock = official_vit_b_1024
     with torch.no_grad():
-        ref = stock.image_encoder(x)
         blvit = build_sam_blvit("b+t", sam_checkpoint=path, keep_ratio=1.0)
         err = rel_err(blvit.image_encoder(x), ref)
     assert ref.shape == (1, 256, 64, 64)

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from segment_anything import sam_model_registry as stock_registry
 
 from blvit.flops import count_macs_on_meta
 from blvit.layers import set_attention_backend
@@ -14,7 +13,7 @@ from sam_adapter.build import build_sam_from_checkpoint, sam_model_registry
 from sam_adapter.config import VARIANTS, make_config
 from sam_adapter.token_reduction import TokenReductionImageEncoder, WindowTokens, bipartite_merge
 
-from conftest import TINY, randomize_, stock_sam
+from conftest import TINY, stock_sam
 
 BASELINES = ("evit-b", "evit-h", "evovit-b", "evovit-h", "tome-b", "tome-h")
 # the tiny layout (depth 4, globals 1 and 3, SAM's 14-token windows on a 16 x 16 grid: padded windows)
@@ -76,16 +75,11 @@ def test_both_attention_backends_are_the_stock_encoder(official_tiny, backend):
 
 
 @pytest.mark.heavy
-def test_keep_one_matches_stock_vit_b_at_1024(tmp_path):
+def test_keep_one_matches_stock_vit_b_at_1024(official_vit_b_1024):
     """The real ViT-B layout at 1024 (25 windows of 14 x 14 on 64 x 64, padded), EViT with its
     three reducing layers in place (the folded backend: the faster one on a CPU)."""
-    torch.manual_seed(0)
-    stock = randomize_(stock_registry["vit_b"](), std=0.05)
-    path = tmp_path / "sam_vit_b_random.pth"
-    torch.save(stock.state_dict(), path)
-    x = torch.randn(1, 3, 1024, 1024)
+    path, x, ref, _ = official_vit_b_1024
     with torch.no_grad():
-        ref = stock.image_encoder(x)
         model = set_attention_backend(build_sam_blvit("evit-b", sam_checkpoint=path, keep_ratio=1.0), "folded")
         assert rel_err(model.image_encoder(x), ref) < 1e-4
 
