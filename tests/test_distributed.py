@@ -160,8 +160,9 @@ def test_elastic_resume_four_processes_to_two_keeps_the_global_batch_and_the_sam
 @pytest.mark.heavy
 def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
     """train.strategy=fsdp (PyTorch's fully_shard per block) on 2 gloo processes: the losses of
-    DDP; saved sharded at step 2 (torch.distributed.checkpoint) and resumed to step 4, still
-    DDP's losses and, consolidated by blvit-consolidate, DDP's weights; best.pth is whole."""
+    DDP; saved sharded at step 2 (torch.distributed.checkpoint) and resumed to step 4: bit for
+    bit the uninterrupted FSDP run (losses and weights), DDP's losses within 1e-5 and,
+    consolidated by blvit-consolidate, DDP's weights; best.pth is whole."""
     import torch
 
     from blvit_apps.consolidate import main as consolidate
@@ -181,6 +182,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
         return result
 
     torchrun("ddp", "train.max_steps=4")
+    torchrun("fsdp_straight", "train.max_steps=4", "train.strategy=fsdp")
     torchrun("fsdp", "train.max_steps=2", "train.strategy=fsdp")
     ckpts = tmp_path / "fsdp/checkpoints"
     assert (ckpts / "step_2.dcp/.metadata").is_file()
@@ -190,8 +192,13 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
     assert len(ddp) == len(fsdp) == 4
     for a, b in zip(ddp, fsdp):
         assert abs(a - b) <= 1e-5 * abs(a), (ddp, fsdp)
+    # resume is bit-exact: the same losses and weights as the uninterrupted FSDP run
+    assert fsdp == _losses(tmp_path / "fsdp_straight")
     consolidate([str(ckpts / "step_4.pth"), "--out", str(tmp_path / "whole.pth")])
     whole = torch.load(tmp_path / "whole.pth", weights_only=False)["model"]
+    consolidate([str(tmp_path / "fsdp_straight/checkpoints/step_4.pth"), "--out", str(tmp_path / "straight.pth")])
+    straight = torch.load(tmp_path / "straight.pth", weights_only=False)["model"]
+    assert all(torch.equal(whole[k], straight[k]) for k in straight)
     reference = torch.load(tmp_path / "ddp/checkpoints/step_4.pth", weights_only=False)["model"]
     assert set(whole) == set(reference)
     for key, value in reference.items():
