@@ -13,7 +13,6 @@ and cache, the CUDA context (about 0.5-1 GiB, counted as ``CONTEXT_GIB``), commu
 (NCCL, DDP's gradient buckets are counted), temporaries that are not saved for backward (peaks
 inside one op), and the data loader's pinned memory.
 """
-import dataclasses
 import math
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -32,16 +31,15 @@ STRATEGIES = ("ddp", "oss", "fsdp")
 
 def _models_on_meta(cfg: Dict[str, Any]) -> Tuple[nn.Module, Optional[nn.Module]]:
     """Student Sam and teacher encoder as the trainer builds them (no files read)."""
-    m = cfg["model"]
-    overrides = dict(m["overrides"])
-    keep = m["keep_ratio"] if m["keep_ratio"] is not None else overrides.pop("keep_ratio", None)
+    from .trainer import dense_teacher_config, student_options
+
+    keep, overrides = student_options(cfg)
     with torch.device("meta"):
-        student = build_sam_blvit(m["variant"], keep_ratio=keep, **overrides)
+        student = build_sam_blvit(cfg["model"]["variant"], keep_ratio=keep, **overrides)
         teacher = None
         if cfg["task"] == "sam_distill" and not cfg["teacher"]["cache_dir"]:
-            dense = dataclasses.replace(student.image_encoder.config, name="dense", blvit_layers=(), predictor_layers=(),
-                                        e_block_layers=(), e_embed_dim=0, reduction="", reduction_layers=())
-            teacher = build_sam_from_config(dense).image_encoder.requires_grad_(False)
+            teacher = build_sam_from_config(dense_teacher_config(student.image_encoder.config)).image_encoder
+            teacher.requires_grad_(False)
     student.prompt_encoder.requires_grad_(bool(cfg["loss"]["train_prompt_encoder"]))
     student.mask_decoder.requires_grad_(bool(cfg["loss"]["train_decoder"]))
     return student, teacher
@@ -50,12 +48,14 @@ def _models_on_meta(cfg: Dict[str, Any]) -> Tuple[nn.Module, Optional[nn.Module]
 @contextmanager
 def _counting_saved_tensors(totals: Dict[str, int]) -> Iterator[None]:
     seen = set()
+    alive = []  # meta tensors (no memory): held so that no counted storage's address is reused
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
         key = storage._cdata  # one count per storage: views and re-saves of a tensor share it
         if key not in seen and not isinstance(t, nn.Parameter):  # parameters are counted once, elsewhere
             seen.add(key)
+            alive.append(t)
             totals["saved"] += storage.nbytes()
         return t
 

@@ -8,7 +8,7 @@ import dataclasses
 from functools import partial
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -135,20 +135,32 @@ class SamTrainingModule(nn.Module):
         return out
 
 
-def build_models(cfg: Dict[str, Any]):
-    """The student Sam and (for distillation) the frozen dense teacher encoder."""
+def student_options(cfg: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, Any]]:
+    """(keep ratio, config overrides) of ``cfg['model']``: ``model.keep_ratio``, else
+    ``model.overrides.keep_ratio``, else None (the variant's default)."""
     m = cfg["model"]
     overrides = dict(m["overrides"])
     if m["keep_ratio"] is not None and "keep_ratio" in overrides:
         raise ValueError("model.keep_ratio and model.overrides.keep_ratio both set: give one")
     keep_ratio = m["keep_ratio"] if m["keep_ratio"] is not None else overrides.pop("keep_ratio", None)
+    return keep_ratio, overrides
+
+
+def dense_teacher_config(student_config):
+    """The dense encoder of the student's layout: what it is distilled from."""
+    return dataclasses.replace(student_config, name="dense", blvit_layers=(), predictor_layers=(), e_block_layers=(),
+                               e_embed_dim=0, reduction="", reduction_layers=())
+
+
+def build_models(cfg: Dict[str, Any]):
+    """The student Sam and (for distillation) the frozen dense teacher encoder."""
+    m = cfg["model"]
+    keep_ratio, overrides = student_options(cfg)
     student = build_sam_blvit(m["variant"], checkpoint=m["checkpoint"], sam_checkpoint=m["sam_checkpoint"],
                               keep_ratio=keep_ratio, e_checkpoint=m["e_checkpoint"], **overrides)
     teacher = None
     if cfg["task"] == "sam_distill":
-        enc_cfg = student.image_encoder.config
-        dense_cfg = dataclasses.replace(enc_cfg, name="dense", blvit_layers=(), predictor_layers=(),
-                                        e_block_layers=(), e_embed_dim=0, reduction="", reduction_layers=())
+        dense_cfg = dense_teacher_config(student.image_encoder.config)
         teacher_sam = build_sam_from_config(dense_cfg)
         if cfg["teacher"]["checkpoint"]:
             load_sam_checkpoint(teacher_sam, cfg["teacher"]["checkpoint"])
