@@ -38,14 +38,12 @@ At ``keep_ratio=1`` (EViT, Evo-ViT) or ``merge_r=0`` (ToMe) every token stays an
 is SAM's encoder (tested against segment-anything's ``ImageEncoderViT``).
 """
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.image_encoder import PatchEmbed
 
 from blvit.blocks import DenseBlock
 from blvit.layers.rel_pos import axis_rel_pos_biases
@@ -53,6 +51,7 @@ from blvit.layers.windows import padded_grid, window_partition, window_unpartiti
 from blvit.routing import tokens_per_window
 
 from .config import REDUCTIONS as CONFIG_REDUCTIONS, BigLittleSamConfig
+from .image_encoder import BigLittleImageEncoder
 
 REDUCTIONS = tuple(r for r in CONFIG_REDUCTIONS if r)
 
@@ -315,39 +314,19 @@ def bipartite_merge(t: WindowTokens, metric: torch.Tensor, r: int) -> Tuple[Wind
     return new, new_index
 
 
-class TokenReductionImageEncoder(nn.Module):
+class TokenReductionImageEncoder(BigLittleImageEncoder):
     """SAM image encoder with EViT, Evo-ViT or ToMe token reduction (module docstring).
 
     (B, 3, S, S) normalised, padded images -> (B, out_chans, S/16, S/16), like segment-anything's
-    ``ImageEncoderViT`` and with its parameter names.
+    ``ImageEncoderViT`` and with its parameter names: the dense layout of ``BigLittleImageEncoder``
+    (no big.LITTLE layers, no predictors), run by a reducing forward. ``last_selections`` holds,
+    per layer, the (B, H*W) bool map of the grid positions the layer processed.
     """
 
     def __init__(self, config: BigLittleSamConfig) -> None:
-        super().__init__()
         if config.reduction not in REDUCTIONS:
             raise ValueError(f"TokenReductionImageEncoder: reduction {config.reduction!r} not one of {REDUCTIONS}")
-        self.config = config
-        self.img_size = config.img_size
-        self.patch_size = config.patch_size
-        self.grad_checkpointing = False
-        # Set True to keep which grid tokens the last forward reduced, per layer (plots)
-        self.record_selections = False
-        self.last_selections: Dict[int, torch.Tensor] = {}
-        grid = (config.grid_size, config.grid_size)
-        self.patch_embed = PatchEmbed(kernel_size=(config.patch_size,) * 2, stride=(config.patch_size,) * 2,
-                                      in_chans=config.in_chans, embed_dim=config.embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, *grid, config.embed_dim))
-        self.blocks = nn.ModuleList(
-            DenseBlock(config.embed_dim, config.num_heads, config.mlp_ratio, use_rel_pos=True,
-                       window_size=0 if i in config.global_attn_indexes else config.window_size, grid=grid)
-            for i in range(config.depth)
-        )
-        self.neck = nn.Sequential(
-            nn.Conv2d(config.embed_dim, config.out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(config.out_chans),
-            nn.Conv2d(config.out_chans, config.out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(config.out_chans),
-        )
+        super().__init__(config)
 
     @property
     def first_reduced_layer(self) -> int:
@@ -355,9 +334,7 @@ class TokenReductionImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if x.dim() != 4 or x.shape[1] != cfg.in_chans or x.shape[-1] != cfg.img_size or x.shape[-2] != cfg.img_size:
-            raise ValueError(f"image encoder input must have shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
-                             f"got {tuple(x.shape)}")
+        self.check_input(x)
         x = self.patch_embed(x) + self.pos_embed
         b, h, w, c = x.shape
         grid = (h, w)
@@ -369,7 +346,15 @@ class TokenReductionImageEncoder(nn.Module):
         x = run(x, grid)
         return self.neck(x.view(b, h, w, c).permute(0, 3, 1, 2))
 
-    def _run(self, fn, *args, **kwargs):
+    def forward_with_selections(self, x: torch.Tensor):
+        raise NotImplementedError(f"{self.config.reduction} reduces tokens without a predictor's selection; "
+                                  "use forward and record_selections")
+
+    def forward_intermediates(self, x: torch.Tensor, layers):
+        raise NotImplementedError(f"intermediate token maps of the {self.config.reduction} encoder are not "
+                                  "defined (reduced tokens are not in the map until the end): unset loss.distill_layers")
+
+    def _checkpointed(self, fn, *args, **kwargs):
         """``fn`` (a block's attention or MLP half), its activations recomputed in backward when
         ``grad_checkpointing`` is on (training memory)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -390,11 +375,11 @@ class TokenReductionImageEncoder(nn.Module):
         for i in range(self.first_reduced_layer, cfg.depth):
             block = self.blocks[i]
             if i not in cfg.reduction_layers:
-                t = self._run(block_mlp, block, self._run(block_attention, block, t, grid, ws).tokens)
+                t = self._checkpointed(block_mlp, block, self._checkpointed(block_attention, block, t, grid, ws).tokens)
                 continue
             stage += 1
             k = tokens_per_window(cfg.keep_ratio**stage, ws)
-            out = self._run(block_attention, block, t, grid, ws, scores=True)
+            out = self._checkpointed(block_attention, block, t, grid, ws, scores=True)
             t = out.tokens
             real = t.has_position & ~t.pad
             if k < t.x.shape[2] - extras:  # static: the same in every window and every batch
@@ -406,7 +391,7 @@ class TokenReductionImageEncoder(nn.Module):
                 t = append_token(gather_windows(t, kept), fused)
                 extras = 1
             self._record(i, t, grid)
-            t = self._run(block_mlp, block, t)
+            t = self._checkpointed(block_mlp, block, t)
         return write_back(t, frozen, grid)
 
     def _evovit(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -415,9 +400,9 @@ class TokenReductionImageEncoder(nn.Module):
         start = self.first_reduced_layer
         t = window_tokens(x, grid, ws)
         # the running attentiveness starts from the last full layer (run here with scores)
-        out = self._run(block_attention, self.blocks[start - 1], t, grid, ws, scores=True) if start > 0 else None
+        out = self._checkpointed(block_attention, self.blocks[start - 1], t, grid, ws, scores=True) if start > 0 else None
         if out is not None:
-            t = self._run(block_mlp, self.blocks[start - 1], out.tokens)
+            t = self._checkpointed(block_mlp, self.blocks[start - 1], out.tokens)
             score = out.received
         else:
             score = torch.ones_like(t.size)
@@ -427,8 +412,8 @@ class TokenReductionImageEncoder(nn.Module):
         for i in range(start, cfg.depth):
             block = self.blocks[i]
             if full:
-                out = self._run(block_attention, block, t, grid, ws)
-                t = self._run(block_mlp, block, out.tokens)
+                out = self._checkpointed(block_attention, block, t, grid, ws)
+                t = self._checkpointed(block_mlp, block, out.tokens)
                 continue
             slow = _top_real(score, t, k)
             is_slow = torch.zeros_like(t.pad).scatter(2, slow, True)
@@ -436,8 +421,8 @@ class TokenReductionImageEncoder(nn.Module):
             representative = _weighted_mean(t.x, fast.to(score.dtype) * score.clamp(min=1e-6))
             compact = append_token(gather_windows(t, slow), representative)
             self._record(i, compact, grid)
-            out = self._run(block_attention, block, compact, grid, ws, scores=True)
-            compact = self._run(block_mlp, block, out.tokens)
+            out = self._checkpointed(block_attention, block, compact, grid, ws, scores=True)
+            compact = self._checkpointed(block_mlp, block, out.tokens)
             update = compact.x[:, :, -1] - representative.to(compact.x.dtype)  # (B, nW, C)
             x_new = torch.where(fast[..., None], t.x + update[:, :, None], t.x)
             x_new = x_new.scatter(2, slow[..., None].expand(-1, -1, -1, t.x.shape[-1]), compact.x[:, :, :-1])
@@ -455,13 +440,13 @@ class TokenReductionImageEncoder(nn.Module):
         for i in range(self.first_reduced_layer, cfg.depth):
             block = self.blocks[i]
             r = min(cfg.merge_r, t.x.shape[2] // 2)
-            out = self._run(block_attention, block, t, grid, ws, keys=r > 0, proportional=True)
+            out = self._checkpointed(block_attention, block, t, grid, ws, keys=r > 0, proportional=True)
             t = out.tokens
             if r > 0:
                 t, new_index = bipartite_merge(t, out.keys, r)
                 source_to_token = new_index.gather(2, source_to_token)
             self._record(i, t, grid)
-            t = self._run(block_mlp, block, t)
+            t = self._checkpointed(block_mlp, block, t)
         # unmerge: every grid slot takes the value of the token it was merged into
         full = t.x.gather(2, source_to_token[..., None].expand(-1, -1, -1, t.x.shape[-1]))
         return window_unpartition(full.reshape(b * nw, length, -1), grid, ws)

@@ -494,12 +494,10 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                        "config": cfg}
         if ema is not None:
             train_state["ema"] = ema.state_dict()
+        payload = dict(task.payload(), train_state=train_state)
         if sharded:  # the .pth holds what is not sharded; the weights are in the folder beside it
-            payload = {k: v for k, v in task.payload().items() if k != "model"}
-            payload.update(train_state=train_state, sharded=sharded,
-                           scalar_parameters=scalar_parameter_keys(task, list(task.payload()["model"])))
-        else:
-            payload = dict(task.payload(), train_state=train_state)
+            sharded_weights = payload.pop("model")
+            payload.update(sharded=sharded, scalar_parameters=scalar_parameter_keys(task, list(sharded_weights)))
         name = f"{tag}.pth"
         atomic_save(payload, ckpt_dir / name)
         atomic_write_text(ckpt_dir / "latest.txt", name)
