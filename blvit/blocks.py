@@ -125,13 +125,23 @@ class BigLittleBlock(DenseBlock):
         e_mlp_ratio: float = 4.0,
         gamma_init: float = 0.0,
         fusion: str = "gated",
+        semi_cross: bool = True,
     ) -> None:
+        """
+        Args:
+            semi_cross: the P-block's selected queries read keys and values of all tokens (the
+                paper); False: of the selected tokens only (the ablation's "no semi-cross
+                attention"; global attention without relative positions only).
+        """
         super().__init__(
             dim, num_heads, mlp_ratio, qkv_bias, norm_layer, act_layer, use_rel_pos, window_size, grid
         )
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+        if not semi_cross and (use_rel_pos or window_size > 0):
+            raise ValueError("semi_cross=False is for global attention without relative positions (the classifier)")
         self.fusion = fusion
+        self.semi_cross = semi_cross
         self.gamma_router = nn.Parameter(torch.tensor(float(gamma_init)))
         self.e_block: Optional[EBlock] = None
         if e_dim:
@@ -165,7 +175,10 @@ class BigLittleBlock(DenseBlock):
             raise ValueError("a big.LITTLE block needs a token selection (run a predictor first)")
         weight = self.router_weight(selection)
         xn = self.norm1(x)
-        p_out = self.attn(xn, grid, self.window_size, selection) * weight
+        if self.semi_cross:
+            p_out = self.attn(xn, grid, self.window_size, selection) * weight
+        else:  # the selected tokens attend among themselves
+            p_out = self.attn(gather_tokens(xn, selection)) * weight
         if self.e_block is None:
             x = add_to_tokens(x, selection, p_out)
             p_out = self.mlp(self.norm2(gather_tokens(x, selection))) * weight
@@ -192,4 +205,5 @@ def layout_block(config: Any, layer: int, **common: Any) -> nn.Module:
         e_mlp_ratio=config.e_mlp_ratio,
         gamma_init=config.gamma_init,
         fusion=config.fusion,
+        semi_cross=getattr(config, "semi_cross", True),
     )

@@ -290,7 +290,7 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
 
 
 def cmd_imagenet(args) -> Dict[str, Any]:
-    from .imagenet import markdown_rows, run_imagenet
+    from .imagenet import markdown_rows, run_imagenet, write_figure
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda" and not args.fp32
@@ -307,6 +307,8 @@ def cmd_imagenet(args) -> Dict[str, Any]:
     atomic_write_text(args.out, json.dumps(report, indent=2))
     table = markdown_rows(rows)
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")
+    report["figure"] = str(write_figure(rows, args.out.with_suffix(".png"), f"{args.data.name}/{args.split}"))
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return report
@@ -390,16 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root with val/<wnid>/*.JPEG")
     p.add_argument("--split", default="val", help="sub-folder of --data to evaluate")
     p.add_argument("--model", action="append", required=True,
-                   help="NAME[:CHECKPOINT], repeatable, e.g. deit_base_patch16_224:deit_base.pth "
-                        "evit_base_patch16_224 blvit_base_tiny_patch16_224:runs/bt/checkpoints/best.pth")
-    p.add_argument("--dense-checkpoint", help="DeiT file for bLViT/EViT models given without a checkpoint")
+                   help="NAME[@KEY=VALUE,...][:CHECKPOINT], repeatable, e.g. deit_base_patch16_224:deit_base.pth "
+                        "evit_base_patch16_224@keep_rate=0.6 efficientvit_m5@img_size=512:m5.pth "
+                        "blvit_base_tiny_patch16_224:runs/bt/checkpoints/best.pth")
+    p.add_argument("--dense-checkpoint", help="DeiT file for bLViT/EViT/Evo-ViT/DynamicViT models given without a checkpoint")
     p.add_argument("--model-kwargs", help="JSON of timm.create_model arguments for every model, e.g. '{\"keep_ratio\": 0.5}'")
     p.add_argument("--img-size", type=int, help="input size (default: each model's own)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
-    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table goes beside it)")
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and the top-1 / GFLOPs PNG go beside it)")
     p.set_defaults(func=cmd_imagenet)
     return parser
 

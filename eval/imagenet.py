@@ -1,10 +1,11 @@
 """``blvit-eval imagenet``: top-1 / top-5, FLOPs and images/s of several classifiers in one table."""
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -16,6 +17,40 @@ def parse_model_spec(spec: str):
     """``NAME`` or ``NAME:CHECKPOINT`` (the checkpoint may itself contain ':' only after the first)."""
     name, _, checkpoint = spec.partition(":")
     return name, (checkpoint or None)
+
+
+def parse_classifier_spec(spec: str) -> Tuple[str, str, Dict[str, Any], Optional[str]]:
+    """``NAME[@KEY=VALUE,...][:CHECKPOINT]`` -> (row label, timm name, its own create_model
+    arguments, checkpoint). ``evit_base_patch16_224@keep_rate=0.5`` and
+    ``efficientvit_m5@img_size=512:m5.pth`` put two settings of one model in one table; values
+    are YAML scalars (numbers, booleans, lists)."""
+    head, checkpoint = parse_model_spec(spec)
+    name, _, settings = head.partition("@")
+    kwargs: Dict[str, Any] = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--model {spec!r}: expected NAME@KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return head, name, kwargs, checkpoint
+
+
+# Model families for Figure 1 (top-1 against GFLOPs): the name's start decides.
+FAMILIES = (
+    ("bLViT", ("blvit_",)),
+    ("token reduction (from DeiT)", ("evit_", "evovit_", "dynamicvit_", "ats_", "avit_", "adavit_")),
+    ("efficient ViT", ("efficientvit_", "mobilevit", "levit_", "edgenext", "fastvit")),
+    ("ViT / DeiT", ("deit", "vit_")),
+)
+# This toolkit's DeiT-shaped models, which --dense-checkpoint initialises.
+DENSE_INITIALISED = ("blvit_", "evit_", "evovit_", "dynamicvit_")
+
+
+def model_family(name: str) -> str:
+    for family, prefixes in FAMILIES:
+        if name.startswith(prefixes):
+            return family
+    return "other"
 
 
 def model_input_size(model: torch.nn.Module) -> int:
@@ -73,21 +108,58 @@ def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint:
         samples = samples[:: max(1, len(samples) // max_images)][:max_images]
     rows = []
     for spec in specs:
-        name, checkpoint = parse_model_spec(spec)
-        uses_dense = dense_checkpoint and not checkpoint and name.startswith(("blvit_", "evit_"))
-        model = create_classifier(name, kwargs, dense_checkpoint if uses_dense else None, checkpoint)
+        label, name, own_kwargs, checkpoint = parse_classifier_spec(spec)
+        uses_dense = dense_checkpoint and not checkpoint and name.startswith(DENSE_INITIALISED)
+        model = create_classifier(name, dict(kwargs, **own_kwargs), dense_checkpoint if uses_dense else None, checkpoint)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        size = img_size or model_input_size(model)
+        size = own_kwargs.get("img_size") or img_size or model_input_size(model)
         dataset = ImageFolderDataset(samples, classes, build_transforms(size, False, {}, cfg.get("mean"), cfg.get("std")))
-        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, name)
+        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label)
         macs = module_macs_on_meta(model, (1, 3, size, size))
-        rows.append({"model": name, "checkpoint": checkpoint or (dense_checkpoint if uses_dense else None),
-                     **result, "gmacs": macs / 1e9, "input_size": size})
+        rows.append({"model": label, "arch": name, "family": model_family(name),
+                     "checkpoint": checkpoint or (dense_checkpoint if uses_dense else None),
+                     **result, "gmacs": macs / 1e9, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                     "input_size": size})
     return rows
 
 
 def markdown_rows(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| model | top-1 | top-5 | GMACs | images/s |", "|---|---|---|---|---|"]
+    """Table 1's layout. GFLOPs are counted as the papers count them (DeiT-B 17.6): multiply-
+    accumulates of one image, measured with ``FlopCounterMode``."""
+    lines = ["| model | family | input | top-1 | top-5 | GFLOPs | params (M) | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['gmacs']:.2f} | {r['images_per_s']:.1f} |")
+        lines.append(f"| {r['model']} | {r.get('family', '')} | {r['input_size']} | {r['top1']:.2f} | {r['top5']:.2f} "
+                     f"| {r['gmacs']:.2f} | {r.get('params_m', float('nan')):.1f} | {r['images_per_s']:.1f} |")
     return "\n".join(lines)
+
+
+def write_figure(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Figure 1 of the bLViT paper for the models run: top-1 against GFLOPs, one marker style
+    per family, each point labelled; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"bLViT": ("*", "tab:red", 260), "token reduction (from DeiT)": ("o", "tab:blue", 70),
+              "efficient ViT": ("s", "tab:green", 70), "ViT / DeiT": ("D", "black", 60), "other": ("^", "tab:gray", 60)}
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    seen = set()
+    for r in rows:
+        family = r.get("family", "other")
+        marker, colour, size = styles.get(family, styles["other"])
+        ax.scatter(r["gmacs"], r["top1"], marker=marker, c=colour, s=size, zorder=3,
+                   label=None if family in seen else family)
+        seen.add(family)
+        ax.annotate(r["model"], (r["gmacs"], r["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("GFLOPs (multiply-accumulates per image)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "Top-1 against GFLOPs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -107,25 +107,38 @@ def test_bad_folders_images_and_checkpoints(folder, tmp_path):
 
 
 @pytest.mark.heavy
-def test_deit_evit_blvit_side_by_side(folder, tmp_path):
-    """DeiT-B, EViT-B and bLViT B+T from one (random) DeiT-B file, one table at 224."""
+def test_table1_side_by_side_with_figure(folder, tmp_path):
+    """Table 1's layout in one command: DeiT-B, EViT-B at keep 0.5 and 0.6, DynamicViT-B, Evo-ViT-B and
+    bLViT B+T from one (random) DeiT-B file, EfficientViT-M5 from its own (random, timm-format) file at
+    224 and at 512 (its attention biases resized by timm's filter); one table with GFLOPs and the PNG."""
     import timm
+    from PIL import Image
 
     torch.manual_seed(0)
     torch.save(timm.create_model("deit_base_patch16_224").state_dict(), tmp_path / "deit_b.pth")
-    report = run(["imagenet", "--data", str(folder), "--model", f"deit_base_patch16_224:{tmp_path / 'deit_b.pth'}",
-                  "--model", "evit_base_patch16_224", "--model", "dynamicvit_base_patch16_224",
-                  "--model", "blvit_base_tiny_patch16_224",
+    torch.save({"model": timm.create_model("efficientvit_m5", num_classes=1000).state_dict()}, tmp_path / "m5.pth")
+    specs = [f"deit_base_patch16_224:{tmp_path / 'deit_b.pth'}", "evit_base_patch16_224@keep_rate=0.5",
+             "evit_base_patch16_224@keep_rate=0.6", "dynamicvit_base_patch16_224", "evovit_base_patch16_224",
+             f"efficientvit_m5:{tmp_path / 'm5.pth'}", f"efficientvit_m5@img_size=512:{tmp_path / 'm5.pth'}",
+             "blvit_base_tiny_patch16_224"]
+    report = run(["imagenet", "--data", str(folder), *[a for s in specs for a in ("--model", s)],
                   "--dense-checkpoint", str(tmp_path / "deit_b.pth"), "--max-images", "4", "--batch-size", "4",
                   "--workers", "0", "--out", str(tmp_path / "side.json")])
     rows = {r["model"]: r for r in report["models"]}
-    assert set(rows) == {"deit_base_patch16_224", "evit_base_patch16_224", "dynamicvit_base_patch16_224",
-                         "blvit_base_tiny_patch16_224"}
-    assert rows["dynamicvit_base_patch16_224"]["gmacs"] < rows["deit_base_patch16_224"]["gmacs"]
-    assert rows["blvit_base_tiny_patch16_224"]["gmacs"] <= 0.6 * rows["deit_base_patch16_224"]["gmacs"]
-    assert rows["evit_base_patch16_224"]["gmacs"] < rows["deit_base_patch16_224"]["gmacs"]
+    assert list(rows) == [s.split(":")[0] for s in specs]
+    deit = rows["deit_base_patch16_224"]["gmacs"]
+    assert rows["dynamicvit_base_patch16_224"]["gmacs"] < deit
+    assert rows["blvit_base_tiny_patch16_224"]["gmacs"] <= 0.6 * deit
+    assert rows["evit_base_patch16_224@keep_rate=0.5"]["gmacs"] < rows["evit_base_patch16_224@keep_rate=0.6"]["gmacs"] < deit
+    assert 11.5 < rows["evovit_base_patch16_224"]["gmacs"] < 11.8
+    m5, m5_512 = rows["efficientvit_m5"], rows["efficientvit_m5@img_size=512"]
+    assert (m5["input_size"], m5_512["input_size"]) == (224, 512) and 0.4 < m5["gmacs"] < 0.7 < m5_512["gmacs"]
+    assert m5["family"] == "efficient ViT" and rows["evovit_base_patch16_224"]["family"] == "token reduction (from DeiT)"
     assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in rows.values())
-    assert (tmp_path / "side.md").read_text().count("\n") == 6
+    table = (tmp_path / "side.md").read_text()
+    assert "GFLOPs" in table.splitlines()[0] and table.count("\n") == 2 + len(specs)
+    figure = Image.open(report["figure"])
+    assert figure.size[0] > 600 and figure.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
 
 
 @pytest.mark.parametrize("name,kwargs,merge", [

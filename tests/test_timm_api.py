@@ -1,4 +1,4 @@
-"""timm's generic model tests (timm's ``tests/test_models.py``), rewritten for the 9 models this
+"""timm's generic model tests (timm's ``tests/test_models.py``), rewritten for the 11 models this
 toolkit registers: forward, backward, the pretrained cfg and classifier API, ``features_only``,
 ``forward_intermediates``, FX tracing (``torch.fx`` and torchvision's feature extractor) and
 TorchScript (by ``torch.jit.trace``; ``torch.jit.script`` gets one clear error, documented in
@@ -18,6 +18,8 @@ TINY = {
                   e_num_heads=2, blvit_layers=(1, 2, 3), predictor_layers=(1, 3), keep_ratio=0.5),
     "evit": dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
                  reorganize_layers=(1, 3), keep_rate=0.5),
+    "evovit": dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+                   prune_start=1, stage_starts=(1, 3), keep_rate=0.5),
     "dynamicvit": dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
                        prune_layers=(1, 3), keep_ratio=0.5),
     "vim": dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_classes=10),
@@ -25,8 +27,8 @@ TINY = {
 MODELS = sorted(n for n in timm.list_models() if timm.models._registry._model_entrypoints[n].__module__.startswith("blvit."))
 
 
-def test_all_nine_models_are_covered():
-    assert len(MODELS) == 9, MODELS
+def test_all_eleven_models_are_covered():
+    assert len(MODELS) == 11, MODELS
 
 
 def _create(name, **kwargs):

@@ -3,7 +3,8 @@ with timm.
 
 Importing this package (``import blvit`` does) registers ``blvit_base_tiny_patch16_224``,
 ``blvit_small_tiny_patch16_224``, ``evit_base_patch16_224``, ``evit_small_patch16_224``,
-``dynamicvit_base_patch16_224`` and ``dynamicvit_small_patch16_224``.
+``evovit_base_patch16_224``, ``evovit_small_patch16_224``, ``dynamicvit_base_patch16_224`` and
+``dynamicvit_small_patch16_224``.
 """
 from .blvit_vit import (
     VARIANTS,
@@ -20,6 +21,7 @@ from .blvit_vit import (
 )
 from .dynamicvit import DynamicViT
 from .evit import EViT, reorganize_tokens
+from .evovit import EvoViT
 
 __all__ = [
     "VARIANTS",
@@ -27,6 +29,7 @@ __all__ = [
     "BigLittleViTConfig",
     "DynamicViT",
     "EViT",
+    "EvoViT",
     "analytic_classifier_macs",
     "checkpoint_filter_fn",
     "classifier_macs",

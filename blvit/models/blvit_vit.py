@@ -23,6 +23,7 @@ timm names (after ``import blvit``): ``blvit_base_tiny_patch16_224`` (B+T) and
                               dense_checkpoint="deit_base_patch16_224-b5f2ef4d.pth")
     model = timm.create_model("blvit_base_tiny_patch16_224", checkpoint_path="runs/bt/best.pth")
 """
+import dataclasses
 import logging
 import math
 import re
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -264,7 +266,9 @@ class ClassTokenViT(TokenFeatures, nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 # Fields that change the function or training behaviour but not the parameters.
-RUNTIME_FIELDS = ("keep_ratio", "gamma_init", "drop_rate", "drop_path_rate")
+RUNTIME_FIELDS = ("keep_ratio", "gamma_init", "drop_rate", "drop_path_rate", "semi_cross")
+# How the P-blocks' tokens are chosen (only "predictor" has parameters).
+SELECTORS = ("predictor", "cls_attn", "uniform", "random")
 
 
 @dataclass
@@ -298,6 +302,13 @@ class BigLittleViTConfig:
     gamma_init: float = 0.0
     fusion: str = "gated"
     router_score: str = "softmax"
+    # Ablation switches (Table 3 of the paper; the defaults are the final model):
+    # selector: "predictor" (learned), "cls_attn" (the class token's attention in the layer's
+    # P-block, as Evo-ViT ranks tokens), "uniform" (a fixed evenly spaced set of patches) or
+    # "random" (a new draw every forward pass); semi_cross: P-block queries read every token
+    # (True) or only the selected ones (False).
+    selector: str = "predictor"
+    semi_cross: bool = True
     global_pool: str = "token"
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -322,6 +333,8 @@ class BigLittleViTConfig:
             problems.append(f"num_classes {self.num_classes} must be >= 0")
         if self.global_pool != "token":
             problems.append(f"global_pool {self.global_pool!r}: only 'token' (class token) is supported")
+        if self.selector not in SELECTORS:
+            problems.append(f"selector {self.selector!r} not one of {SELECTORS}")
         if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
             problems.append(f"drop_rate {self.drop_rate} and drop_path_rate {self.drop_path_rate} must be in [0, 1)")
         if problems:
@@ -370,6 +383,17 @@ def make_config(variant: str = "b+t", **overrides: Any) -> BigLittleViTConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def class_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class token's attention to every token, averaged over heads, with ``attn``'s query and
+    key projections (one query row: O(N C^2) for the keys). x (B, 1 + N, C) normalised -> (B, 1 + N)."""
+    b, n, _ = x.shape
+    d, h = attn.attn_dim, attn.num_heads
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], weight[:d], None if bias is None else bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
+    k = F.linear(x, weight[d:2 * d], None if bias is None else bias[d:2 * d]).view(b, n, h, d // h).transpose(1, 2)
+    return ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).mean(1)[:, 0]
+
+
 class BigLittleViT(ClassTokenViT):
     """The bLViT image classifier (timm interface).
 
@@ -388,7 +412,9 @@ class BigLittleViT(ClassTokenViT):
         common = dict(dim=config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
                       qkv_bias=config.qkv_bias)
         self.blocks = nn.ModuleList(layout_block(config, i, **common) for i in range(config.depth))
-        self.predictors = nn.ModuleDict({str(i): TokenPredictor(config.embed_dim) for i in config.predictor_layers})
+        learned = config.selector == "predictor"
+        self.predictors = nn.ModuleDict({str(i): TokenPredictor(config.embed_dim) for i in config.predictor_layers
+                                         if learned})
         self._set_feature_info(config.patch_size)
         self._init_head(config.num_classes, config.drop_rate)
         depth = max(1, config.depth - 1)
@@ -435,11 +461,8 @@ class BigLittleViT(ClassTokenViT):
         for i, block in enumerate(self.blocks):
             if i > stop:
                 break
-            if str(i) in self.predictors:
-                logits = self.predictors[str(i)](x)  # (B, 1 + N)
-                # the token count is static (no token is dropped): k never reads a shape (fx / jit.trace)
-                selection = select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, cfg.router_score,
-                                          num_tokens=1 + self.patch_embed.num_patches)
+            if i in cfg.predictor_layers:
+                selection = self._select(i, block, x)
                 selections[i] = selection
             if self.grad_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(block, x, None, selection, use_reentrant=False)
@@ -449,6 +472,29 @@ class BigLittleViT(ClassTokenViT):
             if i in take:
                 taken.append((x, 0, None))
         return x, taken
+
+    def _select(self, layer: int, block: nn.Module, x: torch.Tensor) -> TokenSelection:
+        """The selection made at predictor layer ``layer`` from its input tokens (B, 1 + N, C).
+
+        The token count is static (no token is dropped): k never reads a shape (fx / jit.trace).
+        Without the learned predictor the P-block's output is not scaled (scores 0, probs 1)."""
+        cfg = self.config
+        num_tokens = 1 + self.patch_embed.num_patches
+        if cfg.selector == "predictor":
+            logits = self.predictors[str(layer)](x)  # (B, 1 + N)
+            return select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, cfg.router_score, num_tokens=num_tokens)
+        with torch.no_grad():
+            if cfg.selector == "cls_attn":
+                logits = class_attention(block.attn, block.norm1(x))  # (B, 1 + N), class token first
+            elif cfg.selector == "random":
+                logits = torch.rand(x.shape[0], num_tokens, device=x.device)
+            else:  # uniform: evenly spaced patches, the same for every image
+                k = tokens_kept_global(cfg.keep_ratio, num_tokens, self.num_prefix_tokens) - self.num_prefix_tokens
+                picks = torch.linspace(0, num_tokens - 2, k, device=x.device).round().long() + 1
+                logits = torch.zeros(x.shape[0], num_tokens, device=x.device).index_fill_(1, picks, 1.0)
+            selection = select_global(logits, cfg.keep_ratio, self.num_prefix_tokens, "softmax", num_tokens=num_tokens)
+        return dataclasses.replace(selection, scores=torch.zeros_like(selection.scores),
+                                   probs=torch.ones_like(selection.probs))
 
     def _blocks_taking(self, x: torch.Tensor, take: Sequence[int], stop: int) -> Tuple[torch.Tensor, List[TakenTokens]]:
         selections: Dict[int, TokenSelection] = {}
@@ -537,7 +583,8 @@ def _read_vit_state(path: PathLike) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_dense_checkpoint(model: ClassTokenViT, path: PathLike, source: Optional[str] = None) -> List[str]:
+def load_dense_checkpoint(model: ClassTokenViT, path: PathLike, source: Optional[str] = None,
+                          filter_fn: Optional[Any] = None) -> List[str]:
     """Initialise a classifier from a DeiT checkpoint (timm state dict or ``{"model": ...}``).
 
     Patch embedding, class token, position embedding, every dense layer and P-block, ``norm``
@@ -545,7 +592,7 @@ def load_dense_checkpoint(model: ClassTokenViT, path: PathLike, source: Optional
     initialisation. A file of another architecture or width raises a ``CheckpointError``
     naming the path and the offending keys and shapes. Returns the keys left at initialisation.
     """
-    state = checkpoint_filter_fn(_read_vit_state(path), model)
+    state = (filter_fn or checkpoint_filter_fn)(_read_vit_state(path), model)
     hint = f" (checkpoint: {describe_state(state)}; model: {describe_state(model.state_dict())}"
     hint += f"; this model needs a {source} checkpoint)" if source else ")"
     head_dropped = "head.weight" not in state
@@ -642,9 +689,10 @@ def analytic_classifier_macs(config: BigLittleViTConfig) -> Dict[str, float]:
     T = 1 + N tokens, K = ``config.num_selected``, width C, E width c, MLP ratios r, r_e:
 
     - dense layer: ``4 T C^2 + 2 T^2 C + 2 r T C^2``
-    - P-block: ``K C^2 (Q) + 2 T C^2 (K, V) + 2 K T C + K C^2 (proj) + 2 r K C^2``
+    - P-block: ``K C^2 (Q) + 2 T C^2 (K, V) + 2 K T C + K C^2 (proj) + 2 r K C^2`` (T -> K in
+      the K, V and attention terms without semi-cross attention)
     - E-block: ``3 T C c + 2 T^2 c + T c C + 2 T C c + 2 r_e T c^2``
-    - predictor ``T C``, patch embedding ``N C in_chans p^2``, head ``C num_classes``.
+    - predictor ``T C`` (class-attention selection ``C^2 + T C^2 + T C``; uniform / random 0), patch embedding ``N C in_chans p^2``, head ``C num_classes``.
 
     Returns {"total", "layers", "patch_embed", "predictors", "head"}.
     """
@@ -655,12 +703,14 @@ def analytic_classifier_macs(config: BigLittleViTConfig) -> Dict[str, float]:
         if i not in config.blvit_layers:
             layers += 4 * t * c * c + 2 * t * t * c + 2 * r * t * c * c
             continue
-        layers += k * c * c + 2 * t * c * c + 2 * k * t * c + k * c * c + 2 * r * k * c * c
+        reads = t if config.semi_cross else k  # tokens the selected queries attend to
+        layers += k * c * c + 2 * reads * c * c + 2 * k * reads * c + k * c * c + 2 * r * k * c * c
         if i in config.e_block_layers:
             e = config.e_embed_dim
             layers += 3 * t * c * e + 2 * t * t * e + t * e * c + 2 * t * c * e + 2 * config.e_mlp_ratio * t * e * e
     patch = (t - 1) * c * config.in_chans * config.patch_size**2
-    predictors = len(config.predictor_layers) * t * c
+    per_predictor = {"predictor": t * c, "cls_attn": c * c + t * c * c + t * c}.get(config.selector, 0)
+    predictors = len(config.predictor_layers) * per_predictor
     head = c * config.num_classes
     return {"total": layers + patch + predictors + head, "layers": layers, "patch_embed": patch,
             "predictors": predictors, "head": head}
@@ -719,21 +769,30 @@ DEIT_ARCHS: Dict[str, Dict[str, int]] = {
 }
 
 
-def create_deit_variant(cls: type, name: str, source: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_deit_variant(cls: type, name: str, source: str, pretrained: bool = False, filter_fn: Any = None,
+                        **kwargs: Any) -> nn.Module:
     """A DeiT-shaped baseline ``cls`` in the layout of the DeiT model ``source``, through timm's
     ``build_model_with_cfg``; ``dense_checkpoint=`` a DeiT file of that size (timm state dict or
-    DeiT ``.pth``) initialises every parameter it has (``cls.is_new_parameter`` names the rest)."""
+    DeiT ``.pth``) initialises every parameter it has (``cls.is_new_parameter`` names the rest).
+    ``filter_fn``: the model's own key mapping (default :func:`checkpoint_filter_fn`)."""
     dense_checkpoint = kwargs.pop("dense_checkpoint", None)
     if pretrained:
         raise ValueError(f"no pretrained weights are published for {name}; pass dense_checkpoint=<{source} .pth>")
     out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViTs
     model = build_model_with_cfg(
-        cls, name, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
+        cls, name, pretrained=False, pretrained_filter_fn=filter_fn or checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **dict(DEIT_ARCHS[source], **kwargs)
     )
     if dense_checkpoint is not None:
-        load_dense_checkpoint(model, dense_checkpoint, source)
+        load_dense_checkpoint(model, dense_checkpoint, source, filter_fn)
     return model
+
+
+def is_p_block_key(model: BigLittleViT, key: str) -> bool:
+    """A P-block parameter: the dense part of a big.LITTLE layer (not its E-block or gammas)."""
+    parts = key.split(".")
+    return (len(parts) > 2 and parts[0] == "blocks" and int(parts[1]) in model.config.blvit_layers
+            and not model.is_new_parameter(key))
 
 
 def _build(variant: str, **kwargs: Any) -> BigLittleViT:
@@ -744,11 +803,13 @@ def _create_blvit(name: str, variant: str, pretrained: bool = False, **kwargs: A
     """Build through timm's ``build_model_with_cfg`` (pretrained_cfg, traits), then load weights.
 
     Extra keyword arguments: ``dense_checkpoint`` (a DeiT file for the dense layer and P-blocks),
+    ``p_blocks_from_dense`` (False: the P-blocks keep their random initialisation, the ablation),
     ``e_checkpoint`` (a DeiT file of the E width for the E-blocks' inner MLPs), and any
     ``BigLittleViTConfig`` field (``keep_ratio``, ``gamma_init``, ``e_embed_dim``, ...).
     """
     dense_checkpoint = kwargs.pop("dense_checkpoint", None)
     e_checkpoint = kwargs.pop("e_checkpoint", None)
+    p_blocks_from_dense = kwargs.pop("p_blocks_from_dense", True)
     if pretrained:
         raise ValueError(
             f"no pretrained weights are published for {name}; initialise it from DeiT with "
@@ -760,7 +821,12 @@ def _create_blvit(name: str, variant: str, pretrained: bool = False, **kwargs: A
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs
     )
     if dense_checkpoint is not None:
+        # the ablation "P-blocks from scratch": everything else of the dense model is loaded
+        fresh = {} if p_blocks_from_dense else {k: v.clone() for k, v in model.state_dict().items() if is_p_block_key(model, k)}
         load_dense_checkpoint(model, dense_checkpoint, DENSE_SOURCE[variant])
+        if fresh:
+            model.load_state_dict(fresh, strict=False)
+            logger.info("p_blocks_from_dense=False: %d P-block tensors keep their random initialisation", len(fresh))
     if e_checkpoint is not None:
         load_e_blocks_from_deit(model, e_checkpoint)
     return model

@@ -7,6 +7,7 @@ warm-up + cosine. Distillation from a frozen teacher: ``cosine`` on the token fe
 from its dense DeiT, lambda 2.5) or ``kd`` on the logits (R-MeeTo: soft-target CE + weight x KL).
 """
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -46,8 +47,13 @@ def create_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optio
     if dense_checkpoint:
         extra["dense_checkpoint"] = dense_checkpoint
     if checkpoint and not ours:
+        model = timm.create_model(name, **extra)
+        # the model module's own filter: timm's EfficientViT resizes attention biases for another
+        # input size, Evo-ViT maps its released key names, DeiT files get this toolkit's MLP names
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
         try:
-            return timm.create_model(name, checkpoint_path=str(checkpoint), **extra)
+            timm.models.load_checkpoint(model, str(checkpoint), filter_fn=filter_fn)
+            return model
         except (CheckpointError, RuntimeError, KeyError) as err:
             if str(checkpoint) in str(err):
                 raise
@@ -106,10 +112,17 @@ class ClassifierTrainingModule(nn.Module):
             soft = None
         features = self.student.forward_features(images)
         logits = self.student.forward_head(features)
-        if soft is not None:
-            supervised = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            supervised = F.cross_entropy(logits.float(), targets, label_smoothing=cfg["smoothing"])
+
+        def supervised_loss(out_logits: torch.Tensor) -> torch.Tensor:
+            if soft is not None:
+                return torch.sum(-soft * F.log_softmax(out_logits.float(), dim=-1), dim=-1).mean()
+            return F.cross_entropy(out_logits.float(), targets, label_smoothing=cfg["smoothing"])
+
+        supervised = supervised_loss(logits)
+        auxiliary = getattr(self.student, "auxiliary_logits", None)  # Evo-ViT's released class-token head
+        aux_logits = auxiliary(features) if auxiliary is not None else None
+        if aux_logits is not None:
+            supervised = 0.5 * supervised + 0.5 * supervised_loss(aux_logits)
         out = {"supervised": supervised}
         total = supervised
         pruning_loss = getattr(self.student, "pruning_loss", None)  # DynamicViT's kept-fraction ratio loss
@@ -238,11 +251,16 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     def load(saved: Dict[str, Any], path: Path) -> None:
         student.load_state_dict(saved["model"])
 
+    def set_epoch(epoch: int) -> None:
+        train_set.set_epoch(epoch)
+        if hasattr(student, "set_epoch") and t["epochs"]:  # an epoch schedule (Evo-ViT: layer-wise, then stage-wise)
+            student.set_epoch(epoch, t["epochs"])
+
     validate = None
     if val_set is not None:
         validate = partial(evaluate_topk, student, val_set, device, amp, t["batch_size"], rank, world)
 
     task = Task(module=module, dataset=train_set, collate=collate_classification, losses=losses, payload=payload,
                 load=load, validate=validate, score_key="val_top1" if validate else None, ema_module=student,
-                set_epoch=train_set.set_epoch, make_sampler=make_sampler, loss_keys=("loss", "supervised", "distill", "ratio"))
+                set_epoch=set_epoch, make_sampler=make_sampler, loss_keys=("loss", "supervised", "distill", "ratio"))
     return run(task, cfg, world, rank, device, resume)
