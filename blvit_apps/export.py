@@ -16,13 +16,15 @@ Writes into ``--out``:
   ``image_embeddings``, ``point_coords`` (1, P, 2) and ``point_labels`` (1, P) with a dynamic
   number of points P, ``mask_input``, ``has_mask_input``, ``orig_im_size``;
 - ``encoder.int8.onnx`` with ``--quantize`` (onnxruntime dynamic int8 quantisation of the weights);
+- ``encoder.fp16.onnx`` with ``--fp16`` (float16 weights and arithmetic, float32 inputs/outputs);
 - ``export.json``: opset, exporter, input/output names and shapes, the check's errors.
 
 The check runs every file with onnxruntime on a fixed input and fails (exit 3) when the maximum
 absolute error against PyTorch exceeds ``--tolerance`` (default 1e-3 for fp32: outputs are of
 order 1 after the encoder's LayerNorm; ops like the relative-position gathers reorder float sums)
-or when any routed token index differs. The int8 encoder is checked by cosine similarity
-(>= 0.99 by default) since quantisation changes the numbers on purpose.
+or when any routed token index differs. The int8 and fp16 encoders are checked by cosine
+similarity (>= 0.99 by default) since they change the numbers on purpose; whether their routed
+indices still equal fp32's is reported, not required (a near-tie may flip).
 
 Exporter: ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing). The routed encoders'
 top-k / gather / index_add trace to TopK, Gather and ScatterND with static shapes (k is fixed), which
@@ -68,7 +70,9 @@ class EncoderForExport(nn.Module):
 def _session(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: not a warning per constant folded in a float16 graph
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _example_image(size: int, seed: int = 0) -> torch.Tensor:
@@ -167,23 +171,52 @@ def check_decoders(sam, out: Path, meta: Dict[str, Any], tolerance: float) -> Di
     return dict(results, tolerance=tolerance, passed=passed)
 
 
+def compare_variant(out: Path, meta: Dict[str, Any], sam, target: Path, min_cosine: float) -> Dict[str, Any]:
+    """A reduced-precision encoder file against the fp32 one under onnxruntime on the fixed input:
+    cosine similarity of the embeddings (passes at ``min_cosine``) and whether the routed token
+    indices are still the same (reported: lower precision may legitimately flip a near-tie)."""
+    example = {"image": _example_image(int(sam.image_encoder.img_size)).numpy()}
+    full = _session(out / meta["file"]).run(None, example)
+    reduced = _session(target).run(None, example)
+    a, b = full[0].ravel().astype(np.float64), reduced[0].ravel().astype(np.float64)
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+    routed_equal = all(np.array_equal(x, y) for x, y in zip(full[1:], reduced[1:]))
+    return {"file": target.name, "cosine_to_fp32": cosine, "min_cosine": min_cosine, "passed": cosine >= min_cosine,
+            "routed_indices_equal": routed_equal, "bytes": target.stat().st_size,
+            "fp32_bytes": (out / meta["file"]).stat().st_size}
+
+
 def quantize_encoder(out: Path, meta: Dict[str, Any], sam, min_cosine: float) -> Dict[str, Any]:
+    """``encoder.int8.onnx``: onnxruntime's dynamic int8 quantisation of the weights (CPU)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = out / "encoder.int8.onnx"
     with contextlib.redirect_stdout(io.StringIO()):  # the quantiser prints shape-inference notes
         quantize_dynamic(str(out / meta["file"]), str(target), weight_type=QuantType.QInt8)
-    example = _example_image(int(sam.image_encoder.img_size))
-    full = _session(out / meta["file"]).run(None, {"image": example.numpy()})[0].ravel()
-    quant = _session(target).run(None, {"image": example.numpy()})[0].ravel()
-    cosine = float(full @ quant / (np.linalg.norm(full) * np.linalg.norm(quant) + 1e-12))
-    return {"file": target.name, "cosine_to_fp32": cosine, "min_cosine": min_cosine, "passed": cosine >= min_cosine,
-            "bytes": target.stat().st_size, "fp32_bytes": (out / meta["file"]).stat().st_size}
+    return compare_variant(out, meta, sam, target, min_cosine)
+
+
+def half_encoder(out: Path, meta: Dict[str, Any], sam, min_cosine: float) -> Dict[str, Any]:
+    """``encoder.fp16.onnx``: weights and activations in float16 with float32 inputs and outputs
+    (``keep_io_types``: the same predictor feeds it), for GPU and WebGPU runtimes; half the file.
+    onnxruntime's own converter (``onnxruntime.transformers.float16``). On a CPU it runs, with
+    casts, but slower than fp32: CPUs have few fp16 kernels."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    target = out / "encoder.fp16.onnx"
+    model = onnx.load(str(out / meta["file"]))
+    # the routing's scatter-add stays float32: onnxruntime's CPU kernel has no float16 reduction
+    keep_fp32 = list(DEFAULT_OP_BLOCK_LIST) + ["ScatterElements"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep_fp32)
+    onnx.save(half, str(target))
+    return compare_variant(out, meta, sam, target, min_cosine)
 
 
 def export(model: str, checkpoint: Optional[str], out: Path, opset: int = OPSET, tolerance: float = DEFAULT_TOLERANCE,
            quantize: bool = False, min_cosine: float = 0.99, dynamo: bool = False, keep_ratio: Optional[float] = None,
-           check: bool = True) -> Dict[str, Any]:
+           check: bool = True, fp16: bool = False) -> Dict[str, Any]:
     """Export ``model`` (a name ``blvit-eval --model`` takes) and check it; returns export.json's content."""
     from eval.sam_eval import load_sam_model
 
@@ -203,6 +236,8 @@ def export(model: str, checkpoint: Optional[str], out: Path, opset: int = OPSET,
                          "decoder": check_decoders(sam, out, meta["decoder"], tolerance)}
     if quantize:
         meta["encoder_int8"] = quantize_encoder(out, meta["encoder"], sam, min_cosine)
+    if fp16:
+        meta["encoder_fp16"] = half_encoder(out, meta["encoder"], sam, min_cosine)
     meta["seconds"] = round(time.time() - started, 1)
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -217,12 +252,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max abs error, ORT vs PyTorch (fp32)")
     parser.add_argument("--quantize", action="store_true", help="also write encoder.int8.onnx (dynamic int8)")
-    parser.add_argument("--min-cosine", type=float, default=0.99, help="int8 encoder vs fp32: least cosine similarity")
+    parser.add_argument("--fp16", action="store_true", help="also write encoder.fp16.onnx (float16 inside, float32 in and out)")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="int8 / fp16 encoder vs fp32: least cosine similarity")
     parser.add_argument("--dynamo", action="store_true", help="the dynamo-based exporter instead of TorchScript tracing")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     meta = export(args.model, args.checkpoint, args.out, args.opset, args.tolerance, args.quantize, args.min_cosine,
-                  args.dynamo, args.keep_ratio, not args.no_check)
+                  args.dynamo, args.keep_ratio, not args.no_check, args.fp16)
     check = meta.get("check", {})
     for part, result in check.items():
         if "max_abs_error" in result:
@@ -234,12 +270,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             routed = "; routed indices " + ("equal" if result["routed_indices_equal"] else "DIFFER")
         print(f"{part}: max abs error {error:.2e} (tolerance {result['tolerance']:g}){routed} "
               f"-> {'ok' if result['passed'] else 'FAILED'}")
-    if "encoder_int8" in meta:
-        q = meta["encoder_int8"]
-        print(f"int8 encoder: cosine to fp32 {q['cosine_to_fp32']:.4f}, {q['bytes'] / 2**20:.1f} MiB "
+    variants = [key for key in ("encoder_int8", "encoder_fp16") if key in meta]
+    for key in variants:
+        q = meta[key]
+        routed = "" if meta["encoder"]["outputs"] == ["image_embeddings"] else \
+            f", routed indices {'equal' if q['routed_indices_equal'] else 'differ'}"
+        print(f"{key[8:]} encoder: cosine to fp32 {q['cosine_to_fp32']:.4f}{routed}, {q['bytes'] / 2**20:.1f} MiB "
               f"(fp32 {q['fp32_bytes'] / 2**20:.1f} MiB) -> {'ok' if q['passed'] else 'FAILED'}")
     print(f"wrote {args.out} (export.json)")
-    failed = [p for p, r in check.items() if not r["passed"]] + (["encoder_int8"] if not meta.get("encoder_int8", {"passed": True})["passed"] else [])
+    failed = [p for p, r in check.items() if not r["passed"]] + [key for key in variants if not meta[key]["passed"]]
     if failed:
         print(f"blvit-export: check FAILED for {', '.join(failed)} (see {args.out / 'export.json'})", file=sys.stderr)
         raise SystemExit(3)

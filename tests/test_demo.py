@@ -446,7 +446,9 @@ def test_web_page_in_headless_chromium(tiny_model, tmp_path):
             assert box and box["width"] > 100
             page.mouse.click(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.3)
             page.wait_for_selector("#mask[src^='data:image/png']", state="visible", timeout=60_000)
-            page.wait_for_function("document.getElementById('mask').naturalWidth === 512", timeout=30_000)
+            # the mask is the image's size (the bundled default image: a held-out synthetic one)
+            page.wait_for_function("document.getElementById('mask').naturalWidth === state.width && state.width > 0",
+                                   timeout=30_000)
             assert page.inner_text("#decoder-ms").endswith("ms")
             assert page.inner_text("#prompt-count") == "1" and page.locator("circle.positive").count() == 1
             box = page.locator("#image").bounding_box()  # where it is now, should the layout have moved
@@ -473,6 +475,93 @@ def test_web_page_in_headless_chromium(tiny_model, tmp_path):
             assert "not a readable image" in page.inner_text("#error")
             page.screenshot(path=str(tmp_path / "demo_page_error.png"))
             browser.close()
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def web_runtime_folder():
+    """onnxruntime-web for the page (fetched with npm once per machine, kept in the user cache)."""
+    from blvit_apps.demo import web_runtime
+
+    if not web_runtime.is_installed():
+        if shutil.which("npm") is None:
+            pytest.skip("onnxruntime-web is not installed and npm is not on PATH (blvit-demo --install-web-runtime)")
+        try:
+            web_runtime.install()
+        except web_runtime.WebRuntimeError as err:
+            pytest.skip(f"onnxruntime-web could not be installed: {err}")
+    return web_runtime.runtime_dir()
+
+
+def _page_mask(data_url: str) -> np.ndarray:
+    import base64
+
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))[..., 3] > 0
+
+
+def test_browser_decoder_in_headless_chromium(tiny_model, web_runtime_folder, tmp_path):
+    """The page runs SAM's ONNX decoder itself (onnxruntime-web, WebAssembly) on the embedding it
+    fetched once: clicks and a box send no request to the server, and the masks equal the
+    server's for the same prompts."""
+    launch, reason = _find_chromium()
+    if launch is None:
+        pytest.skip(reason)
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    from blvit_apps.demo.server import SERVICE_KEY, create_app, make_server
+
+    app = create_app(*tiny_model, max_upload_mb=1)
+    service = app.extensions[SERVICE_KEY]
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    requests = []
+    try:
+        with sync_playwright() as p:
+            try:
+                browser = p.chromium.launch(headless=True, args=["--no-sandbox"], **launch)
+            except PlaywrightError as err:
+                pytest.skip(f"no Chromium for Playwright ({str(err).splitlines()[0]})")
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            messages = []
+            page.on("console", lambda m: messages.append(m.text))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url)
+            page.wait_for_selector("#stage[data-state=ready]", timeout=60_000)
+            assert page.is_enabled("#browser-decoder")
+            page.check("#browser-decoder")
+            page.wait_for_selector("#stage[data-browser-decoder=ready]", timeout=120_000)
+            before, asked = service.predictions, len(requests)
+            image_id = page.evaluate("() => state.imageId")
+            box = page.locator("#image").bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.3)
+            page.wait_for_selector("#stage[data-decoded-in=browser]", timeout=60_000)
+            page.wait_for_selector("#stage[data-state=ready]")
+            assert page.inner_text("#decoder-where") == "(in this browser)"
+            one_click = page.evaluate("() => ({points: state.points, labels: state.labels, mask: $('mask').src})")
+            page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)  # then a box
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=5)
+            page.mouse.up()
+            page.wait_for_function("() => state.box !== null && document.getElementById('stage').dataset.state === 'ready'")
+            page.wait_for_function("(old) => document.getElementById('mask').src !== old", arg=one_click["mask"])
+            with_box = page.evaluate("() => ({points: state.points, labels: state.labels, box: state.box, mask: $('mask').src})")
+            assert not page.is_visible("#error"), page.inner_text("#error")
+            page.screenshot(path=str(tmp_path / "browser_decoder.png"), full_page=True)
+            browser.close()
+        assert service.predictions == before  # no prompt went to the server...
+        assert not [u for u in requests[asked:] if "/api/" in u], requests[asked:]  # ...nor any request at all
+        for prompts in (one_click, with_box):
+            expected = service.predict(image_id, prompts["points"], prompts["labels"], prompts.get("box"))
+            ours, theirs = _page_mask(prompts["mask"]), _decode(expected["segmentation"])
+            assert ours.shape == theirs.shape and theirs.any()
+            print(f"browser vs server mask IoU: {_iou(ours, theirs):.4f} ({int(theirs.sum())} pixels)")
+            assert _iou(ours, theirs) > 0.99
     finally:
         server.shutdown()
         thread.join(timeout=10)

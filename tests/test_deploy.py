@@ -40,7 +40,7 @@ def exported_bt(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("export_bt")
     path = _checkpoint(tmp, "b+t")
-    meta = export("b+t", str(path), tmp / "onnx", quantize=True)
+    meta = export("b+t", str(path), tmp / "onnx", quantize=True, fp16=True)
     return path, tmp / "onnx", meta
 
 
@@ -61,10 +61,19 @@ def test_bt_export_checks_routing_and_int8(exported_bt):
     enc = meta["check"]["encoder"]
     assert enc["routed_indices_equal"] and enc["routed_layers"] == 2 and enc["max_abs_error"] < 1e-3
     assert meta["encoder"]["outputs"] == ["image_embeddings", "routed_1", "routed_3"]
-    q = meta["encoder_int8"]
-    assert q["passed"] and q["bytes"] < q["fp32_bytes"]
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "encoder.int8.onnx"):
+    for key in ("encoder_int8", "encoder_fp16"):
+        q = meta[key]
+        assert q["passed"] and q["bytes"] < q["fp32_bytes"] and q["cosine_to_fp32"] >= 0.99, key
+    assert meta["encoder_fp16"]["cosine_to_fp32"] > 0.9999  # float16 arithmetic: far closer than int8
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "encoder.int8.onnx", "encoder.fp16.onnx"):
         assert (out / name).is_file()
+    # the fp16 file keeps float32 inputs and outputs: the same predictor runs it
+    import onnx
+
+    graph = onnx.load(str(out / "encoder.fp16.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
 
 
 def test_export_fails_loudly_above_the_tolerance(exported_bt, tmp_path):

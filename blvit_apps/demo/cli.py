@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--serve: memory the kept images and embeddings may take (default 1024)")
     web.add_argument("--max-megapixels", type=float, default=36.0,
                      help="--serve: largest accepted image, in megapixels (default 36; larger uploads get 413)")
+    web.add_argument("--install-web-runtime", action="store_true",
+                     help="fetch onnxruntime-web from the npm registry (needs npm) so the page can run the mask "
+                          "decoder in the browser, then exit")
     return p
 
 
@@ -245,6 +248,15 @@ def _load_onnx(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.install_web_runtime:
+        from . import web_runtime
+
+        try:
+            folder = web_runtime.install()
+        except web_runtime.WebRuntimeError as err:
+            raise DemoInputError(str(err)) from err
+        print(f"onnxruntime-web {web_runtime.VERSION} in {folder}: blvit-demo --serve offers the in-browser decoder")
+        return {"web_runtime": str(folder)}
     try:
         device, image, coords, labels, box_arr = _inputs(args)
     except (FileNotFoundError, ValueError) as err:  # read_image's "not a readable image" is a ValueError

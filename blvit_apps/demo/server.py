@@ -14,6 +14,10 @@ API (JSON errors ``{"error": message}`` with a 4xx status on bad input; the serv
 - ``POST /api/image``: multipart field ``image`` (a file), or form/query ``sample=astronaut``
   for a bundled photograph -> ``{"image_id", "width", "height", "encoder_ms", "cached"}``.
 - ``GET /api/image/<image_id>.png``: the image as the model sees it (RGB).
+- ``GET /api/embedding/<image_id>``: the image embedding, raw float32, shape in ``X-Embedding-Shape``;
+  ``GET /api/decoder.onnx``: the prompt encoder + mask decoder as ONNX; ``GET
+  /vendor/onnxruntime-web/<file>``: onnxruntime-web (``blvit-demo --install-web-runtime``). With
+  these the page runs the mask decoder itself: a click costs no request, as in SAM's web demo.
 - ``POST /api/predict``: ``{"image_id", "points": [[x, y], ...], "labels": [1 | 0, ...],
   "box": [x0, y0, x1, y1] | null, "multimask": false (a JSON boolean)}`` in image pixels ->
   ``{"mask": "data:image/png;base64,..." (RGBA, the image's size), "score", "scores",
@@ -29,11 +33,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from . import web_runtime
 from .core import (SAMPLE_IMAGES, DemoInputError, ImageTooLarge, check_prompts, decode_image, mask_png, mask_record,
                    predict, sample_image)
 
@@ -88,6 +93,8 @@ class DemoService:
         self.cache: "OrderedDict[str, ImageEntry]" = OrderedDict()
         self.lock = threading.Lock()
         self.encodings = 0  # how many times the image encoder ran (tests, logs)
+        self.predictions = 0  # prompts the server decoded (the in-browser decoder sends none)
+        self._decoder_onnx: Optional[bytes] = None
 
     def cached_bytes(self) -> int:
         return sum(e.nbytes for e in self.cache.values())
@@ -135,6 +142,7 @@ class DemoService:
                 decoder_ms = (time.perf_counter() - start) * 1000
             finally:
                 p.reset_image()  # never leave one image's features behind for another request
+            self.predictions += 1
         best = masks[0]
         record = mask_record(best, scores[0])
         return {"image_id": image_id, "mask": "data:image/png;base64," + base64.b64encode(mask_png(best)).decode(),
@@ -143,11 +151,33 @@ class DemoService:
                 "decoder_ms": decoder_ms}
 
 
+    def decoder_onnx(self) -> bytes:
+        """The prompt encoder + mask decoder as ONNX (segment-anything's ``SamOnnxModel``, all four
+        masks, as ``blvit-export`` writes ``decoder.onnx``) for the page's in-browser decoder;
+        exported on the first request, then kept."""
+        with self.lock:
+            if self._decoder_onnx is None:
+                import tempfile
+
+                from ..export import OPSET, export_decoders
+
+                start = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    meta = export_decoders(self.sam, Path(tmp), OPSET, dynamo=False)
+                    self._decoder_onnx = (Path(tmp) / meta["files"]["multimask"]).read_bytes()
+                logger.info("exported the mask decoder for the browser in %.1f s (%.1f MB)",
+                            time.perf_counter() - start, len(self._decoder_onnx) / 2**20)
+            return self._decoder_onnx
+
+
 def _client_info(service: DemoService, max_upload_mb: float, max_megapixels: float) -> Dict[str, Any]:
     info = {k: v for k, v in service.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
     return {"model": info, "random": bool(service.info.get("random")), "warning": service.info.get("warning"),
             "max_upload_mb": max_upload_mb, "max_megapixels": max_megapixels, "cache_size": service.cache_size,
-            "cache_mb": service.cache_bytes / 2**20, "samples": list(SAMPLE_IMAGES)}
+            "cache_mb": service.cache_bytes / 2**20, "samples": list(SAMPLE_IMAGES),
+            # the page can run the mask decoder itself once onnxruntime-web is installed
+            "browser_decoder": web_runtime.is_installed(), "web_runtime_version": web_runtime.VERSION,
+            "img_size": int(service.sam.image_encoder.img_size), "mask_threshold": float(service.sam.mask_threshold)}
 
 
 def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_size: int = 8,
@@ -225,7 +255,33 @@ def create_app(sam, info: Dict[str, Any], max_upload_mb: float = 20.0, cache_siz
         height, width = entry.original_size
         return jsonify({"image_id": entry.image_id, "width": width, "height": height, "cached": cached,
                         "encoder_ms": 0.0 if cached else entry.encoder_ms, "first_encoder_ms": entry.encoder_ms,
-                        "url": f"/api/image/{entry.image_id}.png"})
+                        "url": f"/api/image/{entry.image_id}.png", "input_size": list(entry.input_size),
+                        "embedding_url": f"/api/embedding/{entry.image_id}"})
+
+    @app.get("/api/embedding/<image_id>")
+    def api_embedding(image_id: str):
+        """The image embedding (1, C, g, g) as raw little-endian float32; its shape in a header."""
+        entry = service.get(image_id)
+        features = entry.features.detach().float().cpu().numpy().astype("<f4")
+        response = app.response_class(features.tobytes(), mimetype="application/octet-stream")
+        response.headers["X-Embedding-Shape"] = ",".join(str(d) for d in features.shape)
+        response.headers["Cache-Control"] = "private, max-age=3600"
+        return response
+
+    @app.get("/api/decoder.onnx")
+    def api_decoder_onnx():
+        response = app.response_class(service.decoder_onnx(), mimetype="application/octet-stream")
+        response.headers["Cache-Control"] = "private, max-age=3600"
+        return response
+
+    @app.get("/vendor/onnxruntime-web/<name>")
+    def vendor_web_runtime(name: str):
+        if name not in web_runtime.FILES:
+            return error(404, f"not a file of onnxruntime-web's page runtime: {name}")
+        if not web_runtime.is_installed():
+            return error(404, "onnxruntime-web is not installed: run blvit-demo --install-web-runtime")
+        mimetype = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}[Path(name).suffix]
+        return send_from_directory(web_runtime.runtime_dir(), name, mimetype=mimetype, max_age=86400)
 
     @app.get("/api/image/<image_id>.png")
     def api_image_png(image_id: str):
