@@ -22,7 +22,7 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from blvit.data.make_synthetic import DEFAULT_TRAIN_IMAGES, ensure_synthetic
-from blvit.viz import save_overlay, selection_map
+from blvit_deploy.viz import save_overlay, selection_map
 
 from sam_adapter.build import build_sam_from_checkpoint
 from .flops_cli import flops_rows, markdown_table

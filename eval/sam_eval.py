@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 from tqdm import tqdm
 
 from blvit.flops import module_macs_on_meta
+from blvit_deploy.images import read_image  # noqa: F401  (re-exported: eval.sam_eval.read_image)
 from blvit.utils.io import atomic_write_text, read_checkpoint
 
 from .annotations import AnnotationSet, mask_to_rle, xywh_to_xyxy
@@ -97,19 +98,6 @@ def load_sam_model(model: str, checkpoint: Optional[str] = None, keep_ratio: Opt
         info.update(layout=cfg.name, keep_ratio=None if cfg.is_dense or tome else cfg.keep_ratio,
                     merge_r=cfg.merge_r if tome else None)
     return sam.eval(), info
-
-
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a clear error naming the file if it is not a readable image."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
-    except Image.DecompressionBombError as err:  # a small file that would decode to gigabytes
-        raise ValueError(f"{path}: image refused, too many pixels ({err})") from err
 
 
 class PredictionCache:

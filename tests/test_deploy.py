@@ -147,6 +147,38 @@ def test_demo_onnx_backend_gives_the_torch_backends_mask(exported_bt, tmp_path):
         run(["--backend", "onnx", "--onnx-dir", str(out), "--everything", "--image", str(tmp_path / "shapes.png")])
 
 
+@pytest.mark.parametrize("image", ["bundled sample", "file"])
+def test_demo_onnx_backend_process_imports_no_torch(exported_bt, tmp_path, image):
+    """The whole blvit-demo --backend onnx run (image reading, prediction, overlay PNG, JSON) in a
+    process where importing torch or segment-anything fails."""
+    _, out, _ = exported_bt
+    args = ["--backend", "onnx", "--onnx-dir", str(out), "--point", "120,80", "--out", str(tmp_path / "o.png"),
+            "--json", str(tmp_path / "o.json")]
+    if image == "file":
+        render = render_image(split_image_id(HELDOUT_SEED, 1), height=192, width=256)[0]
+        from PIL import Image
+
+        Image.fromarray(render).save(tmp_path / "shapes.png")
+        args += ["--image", str(tmp_path / "shapes.png")]
+    code = ("import sys\n"
+            "for name in ('torch', 'segment_anything', 'torchvision'): sys.modules[name] = None\n"
+            "from blvit_apps.demo.cli import main\n"
+            f"main({args!r})\n"
+            "print('loaded:', sorted(m for m in ('blvit', 'sam_adapter', 'eval') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded: []" in done.stdout
+    assert (tmp_path / "o.png").stat().st_size > 1000 and json.loads((tmp_path / "o.json").read_text())["masks"]
+
+
+def test_bundled_shapes_sample_is_the_generators_heldout_file():
+    from blvit.data.synthetic import _jpeg
+    from blvit_apps.demo.core import SHAPES_FILE, sample_image
+
+    assert SHAPES_FILE.read_bytes() == _jpeg(render_image(split_image_id(HELDOUT_SEED, 1))[0])
+    assert sample_image("shapes").shape == (240, 320, 3)
+
+
 def test_onnx_predictor_bad_inputs_get_one_clear_error(exported_bt, tmp_path):
     import shutil
 

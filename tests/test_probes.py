@@ -407,7 +407,7 @@ def test_probe_17_demo_server_bounds_pixels_memory_and_decoding_and_refuses_bad_
 def test_probe_10_overlay_titles_are_inside_the_picture(tmp_path, monkeypatch, shape):
     import numpy as np
 
-    from blvit import viz
+    from blvit_deploy import viz
 
     plt = viz._plt()
     kept = []

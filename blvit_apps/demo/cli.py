@@ -104,7 +104,7 @@ def _device(name: Optional[str]):
 def _read_image(args: argparse.Namespace) -> np.ndarray:
     if args.image is None:
         return sample_image(args.sample)
-    from eval.sam_eval import read_image
+    from blvit_deploy.images import read_image  # PIL only: the onnx backend stays torch-free
 
     if not args.image.is_file():
         raise DemoInputError(f"--image {args.image}: no such file")
@@ -295,7 +295,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
               "masks": result["records"]}
     out = args.out if args.out is not None or args.json is not None else Path("overlay.png")
     if out is not None:
-        from blvit.viz import save_overlay
+        from blvit_deploy.viz import save_overlay
 
         shown = result["scores"][:10]
         save_overlay(out, image, result["masks"], shown, points=coords, labels=labels, box=box_arr, routing=maps,

@@ -157,7 +157,7 @@ def has_routing(sam) -> bool:
 def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
     """After an image was encoded with ``sam.image_encoder.record_selections = True``: one
     (grid, grid) 0/1 map per predictor layer of the tokens routed to the P-blocks."""
-    from blvit.viz import selection_map
+    from blvit_deploy.viz import selection_map
 
     encoder = sam.image_encoder
     grid = encoder.config.grid_size
@@ -175,6 +175,11 @@ def routing_maps(sam) -> Tuple[List[np.ndarray], List[str]]:
     return maps, titles
 
 
+# The quick start's second held-out image, the very file blvit-synthetic writes (a test checks
+# the bytes against the generator), bundled so that no sample needs torch (the onnx backend).
+SHAPES_FILE = Path(__file__).resolve().parent / "static" / "heldout_000001000002.jpg"
+
+
 def sample_image(name: str = "shapes") -> np.ndarray:
     """A bundled image, no download: ``shapes`` (the quick start's second held-out image, the
     synthetic domain its models were trained on) or a photograph that ships with scikit-image
@@ -182,10 +187,8 @@ def sample_image(name: str = "shapes") -> np.ndarray:
     if name not in SAMPLE_IMAGES:
         raise DemoInputError(f"unknown sample image {name!r}; choose one of {', '.join(SAMPLE_IMAGES)}")
     if name == "shapes":
-        from blvit.data.make_synthetic import HELDOUT_SEED
-        from blvit.data.synthetic import render_image, split_image_id
-
-        return render_image(split_image_id(HELDOUT_SEED, 1))[0]
+        with Image.open(SHAPES_FILE) as im:
+            return np.asarray(im.convert("RGB"))
     from skimage import data
 
     return np.ascontiguousarray(getattr(data, name)()[..., :3])
