@@ -1,6 +1,7 @@
 """Vision Mamba in plain PyTorch: the selective scan (pure-PyTorch and optional CUDA backends),
-a causal conv1d helper, and Vim-Ti/S/B registered with timm (``vim_tiny_patch16_224``,
-``vim_small_patch16_224``, ``vim_base_patch16_224``) loading the official checkpoints."""
+a causal conv1d helper, Vim-Ti/S/B registered with timm (``vim_tiny_patch16_224``,
+``vim_small_patch16_224``, ``vim_base_patch16_224``) and VideoMamba-Ti/S/M (``videomamba_tiny``,
+``videomamba_small``, ``videomamba_middle``), loading the official checkpoints."""
 from .selective_scan import (
     BACKENDS,
     available_backends,
@@ -10,6 +11,7 @@ from .selective_scan import (
     selective_scan_macs,
     selective_scan_ref,
 )
+from .videomamba import VIDEO_VARIANTS, VideoMamba, load_videomamba_checkpoint, videomamba_macs
 from .vim import (
     VARIANTS,
     Mamba,
@@ -24,6 +26,10 @@ from .vim import (
 
 __all__ = [
     "BACKENDS",
+    "VIDEO_VARIANTS",
+    "VideoMamba",
+    "load_videomamba_checkpoint",
+    "videomamba_macs",
     "Mamba",
     "RMSNorm",
     "VARIANTS",

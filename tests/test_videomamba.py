@@ -1,0 +1,150 @@
+"""VideoMamba (blvit.mamba.videomamba): the official layout and checkpoints, the token order, and
+the selective-scan backends on spatio-temporal sequences."""
+import pytest
+import timm
+import torch
+
+import blvit  # noqa: F401  (registers the timm names)
+from blvit.mamba import VideoMamba, load_videomamba_checkpoint, videomamba_macs
+from blvit.utils.io import CheckpointError
+
+TINY = dict(img_size=32, num_frames=4, depth=2, num_classes=5)
+
+
+def official_state_dict(embed_dim: int, depth: int, frames: int, img_size: int, classes: int, seed: int = 0,
+                        image_checkpoint: bool = False):
+    """Random values under the key names and shapes of OpenGVLab/VideoMamba's ``VisionMamba``
+    (written from its code, independently of this toolkit's module): d_inner 2C, d_state 16,
+    dt_rank ceil(C / 16), conv 4, tubelet 1. ``image_checkpoint``: the ImageNet-pretrained file's
+    layout (2-D patch kernel, no temporal embedding)."""
+    g = torch.Generator().manual_seed(seed)
+    c, di, n, r = embed_dim, 2 * embed_dim, 16, -(-embed_dim // 16)
+    h = img_size // 16
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    sd = {"cls_token": rnd(1, 1, c), "pos_embed": rnd(1, 1 + h * h, c),
+          "patch_embed.proj.weight": rnd(c, 3, 16, 16) if image_checkpoint else rnd(c, 3, 1, 16, 16),
+          "patch_embed.proj.bias": rnd(c), "norm_f.weight": 1 + rnd(c), "head.weight": rnd(classes, c),
+          "head.bias": rnd(classes)}
+    if not image_checkpoint:
+        sd["temporal_pos_embedding"] = rnd(1, frames, c)
+    for i in range(depth):
+        p = f"layers.{i}."
+        sd[p + "norm.weight"] = 1 + rnd(c)
+        sd[p + "mixer.in_proj.weight"] = rnd(2 * di, c)
+        sd[p + "mixer.out_proj.weight"] = rnd(c, di)
+        for sfx in ("", "_b"):
+            sd[p + f"mixer.conv1d{sfx}.weight"] = rnd(di, 1, 4) * 10
+            sd[p + f"mixer.conv1d{sfx}.bias"] = rnd(di)
+            sd[p + f"mixer.x_proj{sfx}.weight"] = rnd(r + 2 * n, di) * 10
+            sd[p + f"mixer.dt_proj{sfx}.weight"] = rnd(di, r) * 10
+            sd[p + f"mixer.dt_proj{sfx}.bias"] = rnd(di) - 4.0
+            sd[p + ("mixer.A_log" if sfx == "" else "mixer.A_b_log")] = torch.log(torch.arange(1, n + 1.0)).repeat(di, 1)
+            sd[p + f"mixer.D{sfx}"] = 1 + rnd(di)
+    return sd
+
+
+def test_official_state_dict_loads_with_no_missing_or_unexpected_keys(tmp_path):
+    sd = official_state_dict(192, 2, 4, 32, 5)
+    torch.save({"model": sd}, tmp_path / "videomamba_t16_k400_f4.pth")
+    model = timm.create_model("videomamba_tiny", checkpoint_path=str(tmp_path / "videomamba_t16_k400_f4.pth"), **TINY)
+    own = model.state_dict()
+    assert set(own) == set(sd)
+    assert all(torch.equal(own[k], sd[k]) for k in sd)
+    assert load_videomamba_checkpoint(model, tmp_path / "videomamba_t16_k400_f4.pth") == []
+    out = model.eval()(torch.randn(2, 3, 4, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    # a checkpoint of another model: one clear error naming the file (an image Mamba of the same
+    # width has the same keys and loads as an image initialisation, as VideoMamba's in1k files do)
+    deit = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2, num_classes=5)
+    torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")
+    with pytest.raises(CheckpointError, match="deit.pth"):
+        load_videomamba_checkpoint(model, tmp_path / "deit.pth")
+    wider = official_state_dict(384, 2, 4, 32, 5)
+    torch.save({"model": wider}, tmp_path / "videomamba_s.pth")
+    with pytest.raises(CheckpointError, match="videomamba_s.pth"):
+        load_videomamba_checkpoint(model, tmp_path / "videomamba_s.pth")
+
+
+def test_tokens_are_class_then_frames_with_spatial_and_temporal_embeddings():
+    """The official order ``[cls, frame 0 patches, frame 1 patches, ...]``: patches get the
+    spatial embedding of their place and the temporal embedding of their frame (the reference's
+    two rearranges, written out here)."""
+    torch.manual_seed(0)
+    model = timm.create_model("videomamba_tiny", **TINY).eval()
+    with torch.no_grad():
+        model.temporal_pos_embedding.normal_()
+        model.cls_token.normal_()
+    x = torch.randn(2, 3, 4, 32, 32)
+    tokens, index = model.embed(x)
+    frames = torch.stack([model.patch_embed.proj(x[:, :, t:t + 1]).flatten(2).transpose(1, 2) for t in range(4)], 1)
+    expected = frames + model.pos_embed[:, None, 1:] + model.temporal_pos_embedding[:, :, None]  # (B, T, hw, C)
+    assert index == 0 and tokens.shape == (2, 1 + 4 * 4, 192)
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, 0]).expand(2, 1, -1)[:, 0])
+    torch.testing.assert_close(tokens[:, 1:], expected.reshape(2, 16, 192))
+    # frame order matters (bidirectional scan over time): reversing the clip changes the logits
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(x.flip(2)), atol=1e-4)
+
+
+def test_directions_are_summed_as_videomamba_does():
+    """VideoMamba's mixer returns out_proj(y_fwd + y_bwd.flip) (no division by 2, unlike Vim's
+    released models)."""
+    model = timm.create_model("videomamba_tiny", **TINY)
+    mixer = model.layers[0].mixer
+    assert mixer.if_divide_out is False
+    h = torch.randn(1, 9, 192)
+    xz = mixer.in_proj(h).transpose(1, 2)
+    y = mixer._direction(xz, "") + mixer._direction(xz.flip(-1), "_b").flip(-1)
+    torch.testing.assert_close(mixer(h), mixer.out_proj(y.transpose(1, 2)))
+
+
+def test_reference_and_chunked_scans_agree_forward_and_backward():
+    """The sequential reference scan and the chunked (recomputing) PyTorch scan on the same
+    VideoMamba: logits and every parameter's gradient, relative error < 1e-5 in float32."""
+    sd = official_state_dict(192, 2, 4, 32, 5, seed=1)
+    x = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for backend in ("reference", "torch"):
+        model = timm.create_model("videomamba_tiny", scan_backend=backend, **TINY)
+        model.load_state_dict(sd)
+        out = model(x)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (ref_out, ref_grads), (out, grads) = results["reference"], results["torch"]
+    rel = lambda a, b: ((a - b).norm() / b.norm().clamp(min=1e-12)).item()  # noqa: E731
+    assert rel(out, ref_out) < 1e-5
+    worst = max((rel(grads[n], ref_grads[n]), n) for n in ref_grads)
+    assert worst[0] < 1e-5, worst
+
+
+def test_image_checkpoint_is_inflated_and_temporal_embedding_interpolated(tmp_path, caplog):
+    image = official_state_dict(192, 2, 4, 32, 1000, image_checkpoint=True)
+    torch.save(image, tmp_path / "videomamba_t16_in1k_res224.pth")
+    model = timm.create_model("videomamba_tiny", **TINY)
+    with caplog.at_level("INFO"):
+        kept = load_videomamba_checkpoint(model, tmp_path / "videomamba_t16_in1k_res224.pth")
+    assert sorted(kept) == ["head.bias", "head.weight"]  # 1000 ImageNet classes vs 5
+    torch.testing.assert_close(model.patch_embed.proj.weight[:, :, 0], image["patch_embed.proj.weight"])
+    assert torch.count_nonzero(model.temporal_pos_embedding) == 0
+    assert "inflated" in caplog.text
+    # a static clip through the inflated model is the image model applied per frame, in time order
+    video = official_state_dict(192, 2, 8, 32, 5)
+    torch.save({"model": video}, tmp_path / "f8.pth")
+    load_videomamba_checkpoint(model, tmp_path / "f8.pth")  # 8 frames into a 4-frame model
+    expected = torch.nn.functional.interpolate(video["temporal_pos_embedding"].transpose(1, 2), size=4, mode="linear",
+                                               align_corners=False).transpose(1, 2)
+    torch.testing.assert_close(model.temporal_pos_embedding.detach(), expected)
+
+
+def test_clip_shape_errors_and_macs():
+    model = timm.create_model("videomamba_tiny", **TINY)
+    with pytest.raises(ValueError, match=r"\(B, 3, 4, 32, 32\)"):
+        model(torch.randn(1, 3, 8, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, 4, 32, 32\)"):
+        model(torch.randn(1, 3, 32, 32))
+    assert isinstance(model, VideoMamba)
+    # per-frame cost of Vim-Ti (1.5 G at 224) times 8 frames, plus the class token
+    tiny = videomamba_macs("videomamba_tiny", num_frames=8)["total"] / 1e9
+    vim = blvit.mamba.vim_macs("vim_tiny_patch16_224")["total"] / 1e9
+    print(f"VideoMamba-Ti 8x224: {tiny:.2f} GMACs; Vim-Ti 224: {vim:.2f}")
+    assert 7.5 * vim < tiny < 8.5 * vim
