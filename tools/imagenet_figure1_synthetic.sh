@@ -7,7 +7,7 @@ set -euo pipefail
 DATA=${DATA:-data/synthetic/imagefolder}
 OUT=${OUT:-outputs/table20}
 RUNS=${RUNS:-runs/figure1_synthetic}
-[ -d "$DATA/train" ] || blvit-synthetic --imagefolder "$DATA"
+[ -d "$DATA/train" ] || blvit-synthetic --out "$(dirname "$DATA")"   # writes <out>/imagefolder
 VIT="img_size: 64, patch_size: 8, num_classes: 4, embed_dim: 64, depth: 4, num_heads: 4"
 declare -A KWARGS=(
   [deit_tiny_patch16_224]="{$VIT}"
@@ -20,8 +20,9 @@ declare -A KWARGS=(
 SPECS=()
 for name in deit_tiny_patch16_224 evit_base_patch16_224 dynamicvit_base_patch16_224 evovit_base_patch16_224 \
             efficientvit_m5 blvit_base_tiny_patch16_224; do
-  python tools/train.py --config configs/imagenet/quickstart.yaml data.root="$DATA" output_dir="$RUNS/$name" \
-    train.epochs=12 model.name=$name "model.kwargs=${KWARGS[$name]}"
+  [ -f "$RUNS/$name/checkpoints/best.pth" ] ||   # trained already: kept (delete $RUNS to start over)
+    python tools/train.py --config configs/imagenet/quickstart.yaml data.root="$DATA" output_dir="$RUNS/$name" \
+      train.epochs=12 model.name=$name "model.kwargs=${KWARGS[$name]}"
   size=""; [ "$name" = efficientvit_m5 ] && size="@img_size=128"
   SPECS+=(--model "$name$size:$RUNS/$name/checkpoints/best.pth")
 done

@@ -8,6 +8,8 @@ Layout under ``--out`` (default ``data/synthetic``)::
     heldout/      images/*.jpg, instances_coco.json, instances_lvis.json (the evaluation split)
     imagefolder/  train/<wnid>/*.JPEG, val/<wnid>/*.JPEG: 4 classes (ImageNet-format classification)
     manifest.json what was written, so a second call with the same arguments does nothing
+    videos/       with --videos (needs PyAV): moving-shape MP4s, train.csv / val.csv in the Kinetics
+                  list format ("<path> <label>"), 4 classes = the motion's direction
 """
 import argparse
 import json
@@ -57,10 +59,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--images-per-shard", type=int, default=0, help="> 0: write tar shards instead of files")
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--videos", action="store_true",
+                        help="also write videos/: the moving-shape video set in the Kinetics list format (needs PyAV)")
     args = parser.parse_args(argv)
     manifest = ensure_synthetic(args.out, args.train, args.val, args.heldout, args.images_per_shard,
                                 args.height, args.width)
+    if args.videos:
+        manifest["videos"] = str(ensure_videos(args.out / "videos"))
     print(json.dumps(manifest, indent=2))
+
+
+def ensure_videos(root: Path, train_per_class: int = 16, val_per_class: int = 6) -> Path:
+    """The synthetic video set under ``root`` (written once; ``root/train.csv`` marks it done)."""
+    from .video import write_video_dataset
+
+    if not (root / "train.csv").is_file() or not (root / "val.csv").is_file():
+        write_video_dataset(root, num_classes=4, train_per_class=train_per_class, val_per_class=val_per_class)
+    return root
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ class ClassifierTrainingModule(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg = self.loss_cfg
-        if self.mixup is not None:
+        if self.mixup is not None and images.dim() == 5:  # clips: one box / blend for all frames of a clip
+            b, c, t, h, w = images.shape
+            images, soft = self.mixup(images.reshape(b, c * t, h, w), targets)
+            images = images.reshape(b, c, t, h, w)
+        elif self.mixup is not None:
             images, soft = self.mixup(images, targets)
         else:
             soft = None
@@ -150,6 +154,15 @@ class ClassifierTrainingModule(nn.Module):
         return out
 
 
+def view_averaged_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K) of images (B, 3, H, W), clips (B, 3, T, H, W), or several views of each clip
+    (B, V, 3, T, H, W): the views' softmax-free logits averaged, as the Kinetics test protocol does."""
+    if inputs.dim() == 6:
+        b, v = inputs.shape[:2]
+        return model(inputs.flatten(0, 1)).float().view(b, v, -1).mean(1)
+    return model(inputs).float()
+
+
 @torch.no_grad()
 def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, batch_size: int = 64, rank: int = 0,
                   world: int = 1, workers: int = 0, desc: Optional[str] = None) -> Dict[str, float]:
@@ -160,10 +173,11 @@ def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, ba
     loader = DataLoader(Subset(dataset, list(range(rank, len(dataset), world))), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_classification)
     for batch in loader:
-        if "image" not in batch:
+        if "target" not in batch:
             continue
+        inputs = batch["image"] if "image" in batch else batch["video"]  # clips: (B, views, 3, T, H, W)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = model(batch["image"].to(device)).float()
+            logits = view_averaged_logits(model, inputs.to(device))
         target = batch["target"].to(device)
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         totals += torch.tensor([float((top5[:, 0] == target).sum()), float((top5 == target[:, None]).any(-1).sum()),
@@ -177,8 +191,32 @@ def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, ba
     return {"val_top1": 100 * float(totals[0]) / n, "val_top5": 100 * float(totals[1]) / n, "val_images": int(totals[2])}
 
 
+def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool):
+    """Kinetics-style list files -> (training clips, validation: one centre clip per video)."""
+    from blvit.data.video import VideoClipDataset
+
+    d = cfg["data"]
+    if d["auto_augment"] or d["reprob"]:
+        logger.info("video clips: RandAugment and random erasing are image transforms, not applied")
+    root = Path(d["root"])
+    common = dict(num_frames=d["num_frames"], sampling_rate=d["sampling_rate"], sampling=d["sampling"], img_size=img_size)
+    train_set = VideoClipDataset.from_list(root / d["train_list"], root, strict=strict, training=True, seed=cfg["seed"],
+                                           flip=d["hflip"], **common)
+    val_set = None
+    if d["val_list"]:
+        val_set = VideoClipDataset.from_list(root / d["val_list"], root, strict=strict, training=False, test_clips=1,
+                                             test_crops=1, **common)
+        if d["val_count"]:
+            val_set.samples = val_set.samples[:: max(1, len(val_set.samples) // d["val_count"])][: d["val_count"]]
+    return train_set, val_set
+
+
 def _datasets(cfg: Dict[str, Any], img_size: int, strict: bool) -> Tuple[ImageFolderDataset, Optional[ImageFolderDataset]]:
     d = cfg["data"]
+    if d["format"] == "video_list":
+        return _video_datasets(cfg, img_size, strict)
+    if d["format"] != "imagefolder":
+        raise ValueError(f"unknown data.format {d['format']!r}; choose imagefolder or video_list")
     root = Path(d["root"])
     train_set = ImageFolderDataset.from_folder(root / d["train_split"], build_transforms(img_size, True, d),
                                                seed=cfg["seed"], strict=strict)
@@ -240,9 +278,10 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
         return DistributedSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True, seed=seed, drop_last=True)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        if mixup is not None and batch["image"].shape[0] % 2:
+        inputs = batch["image"] if "image" in batch else batch["video"]
+        if mixup is not None and inputs.shape[0] % 2:
             raise ValueError("Mixup/CutMix needs an even per-process batch size (train.batch_size)")
-        return model(batch["image"], batch["target"])
+        return model(inputs, batch["target"])
 
     def payload() -> Dict[str, Any]:
         return {"format": FORMAT, "arch": cfg["model"]["name"], "kwargs": cfg["model"]["kwargs"],

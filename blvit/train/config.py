@@ -141,6 +141,17 @@ CLASSIFY_DEFAULTS: Dict[str, Any] = {
         "mixup_prob": 1.0,
         "repeated_aug": True,
         "val_count": None,  # evaluate on at most this many validation images
+        # video classification (Kinetics lists): format "video_list" reads <root>/<train_list> and
+        # <root>/<val_list> ("<path> <label>" lines, paths relative to root); clips of num_frames
+        # frames sampling_rate apart; validation during training: one centre clip (blvit-eval
+        # video runs the multi-view test); hflip false for motion-direction labels
+        "format": "imagefolder",  # imagefolder | video_list
+        "train_list": "train.csv",
+        "val_list": "val.csv",
+        "num_frames": 8,
+        "sampling": "sparse",  # sparse (the released VideoMamba K400 runs) | dense (+ sampling_rate)
+        "sampling_rate": 8,
+        "hflip": True,
     },
     "train": TRAIN_DEFAULTS,
 }
