@@ -314,6 +314,20 @@ def cmd_imagenet(args) -> Dict[str, Any]:
     return report
 
 
+def cmd_video(args) -> Dict[str, Any]:
+    from .video import markdown_video_rows, run_video
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda" and not args.fp32
+    rows = run_video(args.data, args.list, args.model, args.num_frames, args.clips, args.crops, args.img_size,
+                     args.sampling, args.batch_size, args.workers, args.max_videos, device, amp, args.strict)
+    report = {"task": "video", "data": str(args.data), "list": args.list, "models": rows,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "dtype": "bf16" if amp else "float32", "top1": rows[0]["top1"], "top5": rows[0]["top5"]}
+    write_report(report, args.out, table=markdown_video_rows(rows))
+    return report
+
+
 class _ShowDefaults(argparse.HelpFormatter):
     """argparse's help, plus "(default: X)" for options whose default is a value (not None/False)."""
 
@@ -404,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table and the top-1 / GFLOPs PNG go beside it)")
     p.set_defaults(func=cmd_imagenet)
+
+    p = sub.add_parser("video", formatter_class=_ShowDefaults,
+                       help="multi-view top-1/top-5, GFLOPs and clips/s of video classifiers (Kinetics lists), side by side")
+    p.add_argument("--data", type=Path, required=True, help="root of the list file's video paths")
+    p.add_argument("--list", default="val.csv", help="list file under --data ('<path> <label>' lines)")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME[@KEY=VALUE,...][:CHECKPOINT], repeatable, e.g. videomamba_small:videomamba_s16_k400_f8_res224.pth")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
+    p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--sampling", default="sparse", choices=("sparse", "dense"))
+    p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass (each with clips x crops views)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--max-videos", type=int, help="evaluate only N videos (quick checks)")
+    p.add_argument("--strict", action="store_true", help="stop at the first missing or undecodable video")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a Markdown table goes beside it)")
+    p.set_defaults(func=cmd_video)
     return parser
 
 

@@ -116,3 +116,31 @@ def test_videomamba_learns_the_motion_direction(videos, tmp_path):
     print(f"VideoMamba top-1 on held-out videos: untrained {val[0]:.1f} %, trained {max(val):.1f} % (chance 25 %)")
     assert max(val) >= 60.0 and val[0] <= 40.0
     assert summary["steps"] > 0
+
+
+def test_eval_video_averages_the_views(videos, tmp_path):
+    """blvit-eval video: 2 clips x 3 crops per video, logits averaged; the table's top-1 is the
+    one computed by hand from the model's logits on the same views."""
+    import timm
+
+    from eval.cli import run
+
+    kwargs = dict(img_size=32, num_frames=8, embed_dim=64, depth=2, num_classes=4)
+    torch.manual_seed(0)
+    model = timm.create_model("videomamba_tiny", **kwargs).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "vm.pth")
+    report = run(["video", "--data", str(videos), "--model", "videomamba_tiny@embed_dim=64,depth=2,num_classes=4:"
+                  + str(tmp_path / "vm.pth"), "--img-size", "32", "--clips", "2", "--crops", "3", "--max-videos", "6",
+                  "--workers", "0", "--out", str(tmp_path / "video.json")])
+    row = report["models"][0]
+    assert row["views"] == "2 x 3" and row["videos"] == 6 and row["clips_per_s"] > 0 and row["gmacs_per_view"] > 0
+    data = VideoClipDataset.from_list(videos / "val.csv", videos, num_frames=8, img_size=32, training=False,
+                                      test_clips=2, test_crops=3)
+    data.samples = data.samples[:: len(data.samples) // 6][:6]
+    correct = 0
+    with torch.no_grad():
+        for i in range(6):
+            item = data[i]
+            correct += int(model(item["video"]).mean(0).argmax() == item["target"])
+    assert row["top1"] == pytest.approx(100 * correct / 6)
+    assert (tmp_path / "video.md").read_text().startswith("| model | frames | views |")
