@@ -148,3 +148,36 @@ def test_clip_shape_errors_and_macs():
     vim = blvit.mamba.vim_macs("vim_tiny_patch16_224")["total"] / 1e9
     print(f"VideoMamba-Ti 8x224: {tiny:.2f} GMACs; Vim-Ti 224: {vim:.2f}")
     assert 7.5 * vim < tiny < 8.5 * vim
+
+
+def test_rmeeto_on_videomamba_keeps_the_video_task_schedule():
+    """R-MeeTo's video_task: r = 40 (Ti) / 88 (S, M) at blocks 2, 4, ... (no compare override);
+    VideoMamba-S at 8 x 224: 1569 tokens -> 601 after 11 merges; r = 0 is the unmerged model."""
+    from blvit.tokens.rmeeto import apply_rmeeto, default_r, patch_tokens
+
+    with torch.device("meta"):
+        small = timm.create_model("videomamba_small")
+        tiny = timm.create_model("videomamba_tiny")
+        middle = timm.create_model("videomamba_middle")
+    assert (default_r(tiny), default_r(small), default_r(middle)) == (40, 88, 88)
+    assert patch_tokens(small) == 8 * 196
+    merge = apply_rmeeto(small).token_merge
+    assert merge.compare is None and sorted(merge.r_per_layer) == list(range(2, 23, 2))
+    assert set(merge.r_per_layer.values()) == {88}
+    assert 1 + 8 * 196 - 11 * 88 == 601
+    assert sorted(apply_rmeeto(middle).token_merge.r_per_layer) == list(range(2, 31, 2))  # 32 blocks: 15 merges
+    # on a small layout the schedule is the one run: 1 + 4 x 16 = 65 tokens, r 8 at blocks 2 and 4
+    torch.manual_seed(0)
+    model = timm.create_model("videomamba_tiny", img_size=64, num_frames=4, depth=6, embed_dim=64, num_classes=5).eval()
+    x = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+        apply_rmeeto(model, r=0)
+        torch.testing.assert_close(model(x), plain)
+        apply_rmeeto(model, r=8)
+        merged = model(x)
+    assert model.token_merge.token_counts == [65, 65, 57, 57, 49, 49]
+    assert model.token_merge.cls_positions == [0] * 6  # the class token stays first
+    assert (merged - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="larger than allowed"):
+        apply_rmeeto(model, r=40)

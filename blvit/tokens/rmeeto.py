@@ -1,5 +1,13 @@
 """R-MeeTo token merging for Vision Mamba (Shi et al., "Faster Vision Mamba is Rebuilt in Minutes
-via Merged Token Re-training"), as the released code (NUS-HPC-AI-Lab/R-MeeTo) does it.
+via Merged Token Re-training"), as the released code (NUS-HPC-AI-Lab/R-MeeTo) does it, for Vim
+(``image_task``) and VideoMamba (``video_task``).
+
+VideoMamba (``video_task/models/videomamba.py``, ``R_MeeTo_merge.py``) merges the same way: at
+blocks 2, 4, ... (``layer_idx > 0 and layer_idx % 2 == 0``) on the incoming hidden states, cosine,
+ordered ("restore"), class token (first) protected, size-weighted on hidden and residual, with
+``--num_prune`` 40 (Ti) / 88 (S, M) and no ``compare`` override: VideoMamba-S at 8 x 224 goes
+1569 -> 1481 -> ... -> 601 tokens (11 merges of 88). The frames' patches form one sequence, so
+tokens merge across frames as well as within them.
 
 At the input of chosen blocks (default: every second block, 0-based indices 2, 4, ..., 22 of 24:
 11 merges) ``r`` tokens are merged (default 5 for Vim-Ti, 11 for Vim-S/B):
@@ -57,9 +65,32 @@ RELEASED_COMPARE = 11  # the released main.py's --compare default
 _RELEASED_MERGES = 11  # the "11" of the released compare formula: L - (197 - 11 * compare)
 
 
+# The released video_task scripts (exp_sh/tab13): --num_prune 40 (VideoMamba-Ti), 88 (-S, -M)
+_DEFAULT_VIDEO_R = {192: 40, 384: 88, 576: 88}
+
+
+def is_video_model(model: nn.Module) -> bool:
+    """A VideoMamba (frames x patches, class token first), not an image Vim."""
+    return hasattr(model, "temporal_pos_embedding")
+
+
 def default_r(model: nn.Module) -> int:
-    """The paper's r: 5 for Vim-Ti (embed 192), 11 for Vim-S / Vim-B (and other widths)."""
-    return _DEFAULT_R.get(int(getattr(model, "embed_dim", 0)), 11)
+    """The released r: 5 for Vim-Ti (embed 192), 11 for Vim-S / Vim-B (and other widths); for
+    VideoMamba 40 (Ti), 88 (S, M), per the video_task scripts."""
+    width = int(getattr(model, "embed_dim", 0))
+    if is_video_model(model):
+        return _DEFAULT_VIDEO_R.get(width, 88)
+    return _DEFAULT_R.get(width, 11)
+
+
+def patch_tokens(model: nn.Module) -> Optional[int]:
+    """Tokens other than the class token entering the first block: patches x frames for video."""
+    patch_embed = getattr(model, "patch_embed", None)
+    num_patches = getattr(patch_embed, "num_patches", None)
+    if num_patches is None:
+        return None
+    frames = getattr(patch_embed, "num_frames", 1) // getattr(patch_embed, "tubelet_size", 1)
+    return int(num_patches) * frames
 
 
 _R_FORMS = "an int >= 0 (the same r at every merge layer) or one int >= 0 per merge layer"
@@ -250,8 +281,10 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
     if layers is None:
         layers = tuple(range(2, len(model.layers) - 1, 2))
     if compare == _RELEASED:
-        # the released override hard-codes Vim's 11 merges (blocks 2, ..., 22 of 24): elsewhere it is undefined
-        released_layout = len(model.layers) == 24 and tuple(int(i) for i in layers) == DEFAULT_LAYERS
+        # the released override hard-codes Vim's 11 merges (blocks 2, ..., 22 of 24): elsewhere it is
+        # undefined, and the released video code has none
+        released_layout = (len(model.layers) == 24 and tuple(int(i) for i in layers) == DEFAULT_LAYERS
+                           and not is_video_model(model))
         compare = RELEASED_COMPARE if released_layout and order != "shuffled" else None
     elif isinstance(compare, str):
         raise ValueError(f"compare must be an int >= 0, None or 'released', got {compare!r}")
@@ -259,9 +292,9 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
     if bad:
         raise ValueError(f"merge layers {bad} out of range for a depth-{len(model.layers)} model")
     merge = RMeeToMerge(default_r(model) if r is None else r, layers, order, metric, trace_source, compare, shuffle_rate)
-    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    num_patches = patch_tokens(model)
     if num_patches is not None:
-        _check_budget(merge.r_per_layer, int(num_patches))
+        _check_budget(merge.r_per_layer, num_patches)
     model.token_merge = merge
     return model
 
