@@ -134,6 +134,12 @@ def markdown_rows(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def short_label(name: str) -> str:
+    """'evit_base_patch16_224@keep_rate=0.5' -> 'evit_base keep 0.5' (figure labels)."""
+    name = name.replace("_patch16_224", "").replace("@keep_rate=", " keep ").replace("@keep_ratio=", " keep ")
+    return name.replace("@img_size=", " @").replace("@", " ")
+
+
 def write_figure(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Path:
     """Figure 1 of the bLViT paper for the models run: top-1 against GFLOPs, one marker style
     per family, each point labelled; PNG."""
@@ -144,15 +150,23 @@ def write_figure(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") ->
 
     styles = {"bLViT": ("*", "tab:red", 260), "token reduction (from DeiT)": ("o", "tab:blue", 70),
               "efficient ViT": ("s", "tab:green", 70), "ViT / DeiT": ("D", "black", 60), "other": ("^", "tab:gray", 60)}
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     seen = set()
-    for r in rows:
+    span_x = max((r["gmacs"] for r in rows), default=1.0) or 1.0
+    span_y = (max((r["top1"] for r in rows), default=1.0) - min((r["top1"] for r in rows), default=0.0)) or 1.0
+    placed: List[Tuple[float, float]] = []
+    for r in sorted(rows, key=lambda row: row["gmacs"]):
         family = r.get("family", "other")
         marker, colour, size = styles.get(family, styles["other"])
         ax.scatter(r["gmacs"], r["top1"], marker=marker, c=colour, s=size, zorder=3,
                    label=None if family in seen else family)
         seen.add(family)
-        ax.annotate(r["model"], (r["gmacs"], r["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        # labels of nearby points go to alternating heights so they do not print over each other
+        near = sum(1 for x, y in placed if abs(x - r["gmacs"]) < 0.12 * span_x and abs(y - r["top1"]) < 0.08 * span_y)
+        placed.append((r["gmacs"], r["top1"]))
+        dy = 5 + 10 * (near // 2) if near % 2 == 0 else -12 - 10 * (near // 2)
+        ax.annotate(short_label(r["model"]), (r["gmacs"], r["top1"]), textcoords="offset points", xytext=(6, dy),
+                    fontsize=7)
     ax.set_xlabel("GFLOPs (multiply-accumulates per image)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "Top-1 against GFLOPs")

@@ -222,10 +222,11 @@ class VideoClipDataset(Dataset):
     def __init__(self, samples: List[Tuple[str, int]], num_frames: int = 8, sampling_rate: int = 8,
                  img_size: int = 224, training: bool = True, test_clips: int = 4, test_crops: int = 3,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, seed: int = 0,
-                 strict: bool = False, flip: bool = True, sampling: str = "sparse") -> None:
+                 strict: bool = False, flip: bool = True, sampling: str = "sparse",
+                 crop_scale: Tuple[float, float] = (0.08, 1.0)) -> None:
         if sampling not in ("sparse", "dense"):
             raise ValueError(f"sampling must be 'sparse' or 'dense', got {sampling!r}")
-        self.sampling = sampling
+        self.sampling, self.crop_scale = sampling, tuple(crop_scale)
         self.samples = samples
         self.num_frames, self.sampling_rate, self.img_size = num_frames, sampling_rate, img_size
         self.training, self.test_clips, self.test_crops = training, test_clips, test_crops
@@ -267,7 +268,7 @@ class VideoClipDataset(Dataset):
                 wanted = clip_indices(length, self.num_frames, self.sampling_rate,
                                       int(rng.integers(0, max(1, length - span + 1))))
             frames, _ = decode_frames(path, wanted)
-            clip = train_transform(_to_tensor(frames), self.img_size, rng, flip=self.flip)
+            clip = train_transform(_to_tensor(frames), self.img_size, rng, scale=self.crop_scale, flip=self.flip)
             return _normalise(clip, self.mean, self.std)
         if self.sampling == "sparse":
             clips = [sparse_indices(length, self.num_frames, None, k, self.test_clips) for k in range(self.test_clips)]

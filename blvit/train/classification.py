@@ -201,7 +201,7 @@ def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool):
     root = Path(d["root"])
     common = dict(num_frames=d["num_frames"], sampling_rate=d["sampling_rate"], sampling=d["sampling"], img_size=img_size)
     train_set = VideoClipDataset.from_list(root / d["train_list"], root, strict=strict, training=True, seed=cfg["seed"],
-                                           flip=d["hflip"], **common)
+                                           flip=d["hflip"], crop_scale=tuple(d["crop_scale"]), **common)
     val_set = None
     if d["val_list"]:
         val_set = VideoClipDataset.from_list(root / d["val_list"], root, strict=strict, training=False, test_clips=1,

@@ -152,6 +152,7 @@ CLASSIFY_DEFAULTS: Dict[str, Any] = {
         "sampling": "sparse",  # sparse (the released VideoMamba K400 runs) | dense (+ sampling_rate)
         "sampling_rate": 8,
         "hflip": True,
+        "crop_scale": [0.08, 1.0],  # video training: random resized crop area range (VideoMAE's spatial_sampling)
     },
     "train": TRAIN_DEFAULTS,
 }
