@@ -68,31 +68,37 @@ def model_input_size(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, amp: bool, batch_size: int,
                         workers: int, desc: str) -> Dict[str, Any]:
-    """Top-1/top-5 (%) and throughput (images/s from the median batch time, first batch left out)."""
+    """Top-1/top-5 (%) and throughput (images or clip views per second from the median batch
+    time, first batch left out) on images, clips, or several views per clip (logits averaged)."""
+    from blvit.train.classification import view_averaged_logits
+
     model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_classification)
-    correct1 = correct5 = seen = 0
+    correct1 = correct5 = seen = skipped = 0
     seconds: List[float] = []
     for batch in tqdm(loader, desc=desc):
-        if "image" not in batch:
+        skipped += int(batch["skipped"])
+        if "target" not in batch:
             continue
-        images, target = batch["image"].to(device), batch["target"].to(device)
+        inputs = (batch["image"] if "image" in batch else batch["video"]).to(device)
+        target = batch["target"].to(device)
+        views = inputs.shape[0] * (inputs.shape[1] if inputs.dim() == 6 else 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = model(images).float()
+            logits = view_averaged_logits(model, inputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds.append((time.perf_counter() - start) / len(target))
+        seconds.append((time.perf_counter() - start) / views)
         top5 = logits.topk(min(5, logits.shape[-1]), -1).indices
         correct1 += int((top5[:, 0] == target).sum())
         correct5 += int((top5 == target[:, None]).any(-1).sum())
         seen += len(target)
     if seen == 0:
-        raise ValueError("no readable validation images")
+        raise ValueError("no readable validation sample")
     times = seconds[1:] if len(seconds) > 1 else seconds
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen,
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen, "skipped": skipped,
             "images_per_s": float(1.0 / np.median(times))}
 
 

@@ -4,16 +4,10 @@ Each video is seen as ``clips x crops`` views (Kinetics: 4 x 3), the views' logi
 GFLOPs are those of one view (multiply-accumulates, selective scans included) as the papers give
 them next to "x 4 x 3"; clips/s is views per second, the median batch after the first.
 """
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from blvit.data.imagenet import collate_classification
 
 
 def video_macs(model: torch.nn.Module) -> int:
@@ -23,46 +17,13 @@ def video_macs(model: torch.nn.Module) -> int:
     return videomamba_macs(model)["total"]
 
 
-@torch.no_grad()
-def evaluate_video_classifier(model: torch.nn.Module, dataset, device: torch.device, amp: bool, batch_size: int,
-                              workers: int, desc: str) -> Dict[str, Any]:
-    from blvit.train.classification import view_averaged_logits
-
-    model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_classification)
-    correct1 = correct5 = seen = skipped = 0
-    seconds: List[float] = []
-    for batch in tqdm(loader, desc=desc):
-        skipped += int(batch["skipped"])
-        if "video" not in batch:
-            continue
-        clips, target = batch["video"].to(device), batch["target"].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = view_averaged_logits(model, clips)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append((time.perf_counter() - start) / (clips.shape[0] * clips.shape[1]))
-        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices
-        correct1 += int((top5[:, 0] == target).sum())
-        correct5 += int((top5 == target[:, None]).any(-1).sum())
-        seen += len(target)
-    if seen == 0:
-        raise ValueError("no readable video")
-    times = seconds[1:] if len(seconds) > 1 else seconds
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "videos": seen, "skipped": skipped,
-            "clips_per_s": float(1.0 / np.median(times))}
-
-
 def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int, clips: int, crops: int, img_size: int,
               sampling: str, batch_size: int, workers: int, max_videos: Optional[int], device: torch.device,
               amp: bool, strict: bool = False) -> List[Dict[str, Any]]:
     from blvit.data.video import VideoClipDataset
     from blvit.train.classification import create_classifier
 
-    from .imagenet import parse_classifier_spec
+    from .imagenet import evaluate_classifier, parse_classifier_spec
 
     dataset = VideoClipDataset.from_list(Path(data) / list_name, data, strict=strict, num_frames=num_frames,
                                          img_size=img_size, training=False, test_clips=clips, test_crops=crops,
@@ -73,7 +34,8 @@ def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int,
     for spec in specs:
         label, name, kwargs, checkpoint = parse_classifier_spec(spec)
         model = create_classifier(name, dict({"num_frames": num_frames, "img_size": img_size}, **kwargs), None, checkpoint)
-        result = evaluate_video_classifier(model, dataset, device, amp, batch_size, workers, label)
+        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label)
+        result["videos"], result["clips_per_s"] = result.pop("images"), result.pop("images_per_s")
         rows.append({"model": label, "checkpoint": checkpoint, **result, "views": f"{clips} x {crops}",
                      "gmacs_per_view": video_macs(model) / 1e9, "num_frames": num_frames, "input_size": img_size})
     return rows
