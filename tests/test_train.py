@@ -28,6 +28,33 @@ def test_unknown_config_key_lists_valid_keys():
     assert cfg["train"]["max_steps"] == 3 and cfg["data"]["root"] == "/x"
 
 
+def test_dotted_model_override_keeps_the_recipes_other_overrides():
+    # model.overrides.X=v changes X only: replacing the whole mapping would silently train a
+    # full-size ViT-B instead of the recipe's small encoder
+    cfg = load_config("configs/sam/quickstart_teacher.yaml", ["model.overrides.embed_dim=96"])
+    assert cfg["model"]["overrides"]["embed_dim"] == 96
+    assert cfg["model"]["overrides"]["depth"] == 4 and cfg["model"]["overrides"]["out_chans"] == 128
+    # a whole mapping as the value still replaces it (model.kwargs={...} in the ImageNet tests)
+    whole = load_config("configs/sam/quickstart_teacher.yaml", ["model.overrides={embed_dim: 96}"])
+    assert whole["model"]["overrides"] == {"embed_dim": 96}
+
+
+def test_synthetic_occlusion_cap_and_contrast():
+    import numpy as np
+    from blvit.data.synthetic import render_image
+
+    for seed in range(20):  # the defaults draw the data they always drew
+        image, objects = render_image(seed)
+        capped_image, capped = render_image(seed, max_occlusion=1.0, min_contrast=0.0)
+        assert (image == capped_image).all() and len(objects) == len(capped)
+    hidden = []
+    for seed in range(40):
+        _, objects = render_image(seed, max_occlusion=0.3)
+        _, plain = render_image(seed)
+        hidden.append((sum(o["mask"].sum() for o in objects), sum(o["mask"].sum() for o in plain)))
+    assert np.mean([a for a, _ in hidden]) > np.mean([b for _, b in hidden])  # more of each object stays visible
+
+
 def _corrupt_copy(src, dst):
     dst.mkdir()
     for f in src.iterdir():

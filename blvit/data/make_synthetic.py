@@ -28,10 +28,15 @@ DEFAULT_TRAIN_IMAGES = 400
 
 
 def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16, heldout: int = 24, images_per_shard: int = 0,
-                     height: int = 240, width: int = 320) -> Dict[str, Any]:
-    """Generate the data unless ``out/manifest.json`` says it is already there with these settings."""
+                     height: int = 240, width: int = 320, max_occlusion: float = 1.0,
+                     min_contrast: float = 0.0) -> Dict[str, Any]:
+    """Generate the data unless ``out/manifest.json`` says it is already there with these settings.
+    ``max_occlusion`` / ``min_contrast``: see ``synthetic.render_image`` (the defaults: no cap)."""
     out = Path(out)
     settings = dict(train=train, val=val, heldout=heldout, images_per_shard=images_per_shard, height=height, width=width)
+    render = {k: v for k, v in (("max_occlusion", max_occlusion), ("min_contrast", min_contrast))
+              if v != {"max_occlusion": 1.0, "min_contrast": 0.0}[k]}
+    settings.update(render)  # absent at the defaults: manifests written before these options still match
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -39,9 +44,9 @@ def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16
             return manifest
     for folder in ("sa1b_train", "sa1b_val", "heldout", "imagefolder"):  # no stale samples of other settings
         shutil.rmtree(out / folder, ignore_errors=True)
-    write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard)
-    write_sa1b(out / "sa1b_val", val, VAL_SEED, height, width)
-    paths = write_instances(out / "heldout", heldout, HELDOUT_SEED, height, width)
+    write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard, **render)
+    write_sa1b(out / "sa1b_val", val, VAL_SEED, height, width, **render)
+    paths = write_instances(out / "heldout", heldout, HELDOUT_SEED, height, width, **render)
     write_imagefolder(out / "imagefolder", num_classes=4, train_per_class=48, val_per_class=12)
     manifest = {"imagefolder": str(out / "imagefolder"), "settings": settings, "sa1b_train": str(out / "sa1b_train"), "sa1b_val": str(out / "sa1b_val"),
                 "heldout_images": str(out / "heldout" / "images"),
@@ -59,11 +64,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--images-per-shard", type=int, default=0, help="> 0: write tar shards instead of files")
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--max-occlusion", type=float, default=1.0,
+                        help="re-draw a shape that would leave an earlier object with more than this share hidden")
+    parser.add_argument("--min-contrast", type=float, default=0.0,
+                        help="re-draw an object's colour until its RGB distance to what it covers is at least this")
     parser.add_argument("--videos", action="store_true",
                         help="also write videos/: the moving-shape video set in the Kinetics list format (needs PyAV)")
     args = parser.parse_args(argv)
     manifest = ensure_synthetic(args.out, args.train, args.val, args.heldout, args.images_per_shard,
-                                args.height, args.width)
+                                args.height, args.width, args.max_occlusion, args.min_contrast)
     if args.videos:
         manifest["videos"] = str(ensure_videos(args.out / "videos"))
     print(json.dumps(manifest, indent=2))

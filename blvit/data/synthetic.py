@@ -69,26 +69,69 @@ def split_image_id(seed: int, index: int) -> int:
     return seed * 1_000_000 + index + 1
 
 
+# Re-draws allowed per shape for max_occlusion / min_contrast (bounded: an image always finishes).
+PLACEMENT_TRIES = 10
+
+
+def _hidden_fraction(mask: np.ndarray, objects: List[Dict]) -> float:
+    """The largest share of an earlier object's drawn area that would be hidden (by ``mask``
+    and the shapes already over it) if ``mask`` were drawn."""
+    worst = 0.0
+    for obj in objects:
+        left = float((obj["mask"] & ~mask).sum())
+        worst = max(worst, 1.0 - left / obj["area"])
+    return worst
+
+
+def _contrast(colour: np.ndarray, covered: List[np.ndarray]) -> float:
+    """The smallest RGB distance between ``colour`` and the base colours it is drawn over."""
+    return min(float(np.linalg.norm(colour - c)) for c in covered) if covered else float("inf")
+
+
 def render_image(seed: int, height: int = 240, width: int = 320, max_objects: int = 5,
-                 kinds: Sequence[int] = ALL_KINDS, flat: bool = False) -> Tuple[np.ndarray, List[Dict]]:
+                 kinds: Sequence[int] = ALL_KINDS, flat: bool = False, max_occlusion: float = 1.0,
+                 min_contrast: float = 0.0) -> Tuple[np.ndarray, List[Dict]]:
     """One synthetic image (H, W, 3) uint8 and its objects [{mask (H, W) bool, category_id}].
     ``kinds``: the shape categories drawn (1 rectangle, 2 ellipse, 3 triangle); ``flat``: plain
-    colours instead of stripes and checkers (an easier task, for short tests)."""
+    colours instead of stripes and checkers (an easier task, for short tests).
+    ``max_occlusion`` < 1: a shape that would leave an earlier object with more than this share
+    of its drawn area hidden is re-drawn elsewhere (same random stream, at most ``PLACEMENT_TRIES`` times;
+    then the least occluding draw is kept). ``min_contrast`` > 0: an object's colour is re-drawn
+    (as often) until its RGB distance to the background's and to every object it covers is at
+    least this. The defaults (1.0, 0) draw nothing again: the default data never changes."""
     rng = np.random.default_rng(seed)
-    image = _texture(rng, height, width, rng.uniform(60, 200, 3), flat)
+    background = rng.uniform(60, 200, 3)
+    image = _texture(rng, height, width, background, flat)
     objects: List[Dict] = []
     for _ in range(int(rng.integers(2, max_objects + 1))):
         kind = int(rng.integers(1, 4))
         if kind not in kinds:  # the same random stream as with every kind: the default data never changes
             kind = int(kinds[(kind - 1) % len(kinds)])
         mask = _shape_mask(rng, kind, height, width)
+        if max_occlusion < 1.0 and objects:
+            best, best_hidden = mask, _hidden_fraction(mask, objects)
+            for _ in range(PLACEMENT_TRIES):
+                if best_hidden <= max_occlusion:
+                    break
+                mask = _shape_mask(rng, kind, height, width)
+                hidden = _hidden_fraction(mask, objects)
+                if hidden < best_hidden:
+                    best, best_hidden = mask, hidden
+            mask = best
         if mask.sum() < 50:
             continue
-        image[mask] = _texture(rng, height, width, rng.uniform(0, 255, 3), flat)[mask]
+        colour = rng.uniform(0, 255, 3)
+        if min_contrast > 0:
+            covered = [background] + [o["colour"] for o in objects if (o["mask"] & mask).any()]
+            for _ in range(PLACEMENT_TRIES):
+                if _contrast(colour, covered) >= min_contrast:
+                    break
+                colour = rng.uniform(0, 255, 3)
+        image[mask] = _texture(rng, height, width, colour, flat)[mask]
         for obj in objects:  # occlusion: earlier objects lose what the new one covers
             obj["mask"] &= ~mask
-        objects.append({"mask": mask, "category_id": kind})
-    objects = [o for o in objects if o["mask"].sum() >= 30]
+        objects.append({"mask": mask, "category_id": kind, "colour": colour, "area": float(mask.sum())})
+    objects = [{"mask": o["mask"], "category_id": o["category_id"]} for o in objects if o["mask"].sum() >= 30]
     return image.astype(np.uint8), objects
 
 

@@ -294,11 +294,12 @@ def render_video(rng: np.random.Generator, label: int, frames: int = 24, size: i
     """(frames, size, size, 3) uint8: a textured shape moving in direction ``MOTIONS[label % 4]``
     over a textured background; kind, colour, start and speed are random, so only the motion
     (the order of the frames) tells the classes apart."""
-    from .synthetic import _shape_mask, _texture
+    from .synthetic import _texture
 
     background = _texture(rng, size, size, rng.uniform(60, 200, 3))
     side = int(rng.integers(size // 4, size // 2))
-    shape = _shape_mask(rng, int(rng.integers(1, 4)), side, side)
+    yy, xx = (np.mgrid[0:side, 0:side] + 0.5) / side - 0.5  # the shape fills its box: a rectangle, ellipse or diamond
+    shape = [np.ones((side, side), bool), yy ** 2 + xx ** 2 < 0.25, np.abs(yy) + np.abs(xx) < 0.5][int(rng.integers(3))]
     colour = rng.uniform(0, 255, 3)
     skin = _texture(rng, side, side, colour)
     speed = rng.uniform(0.6, 1.2) * (size - side) / frames

@@ -178,11 +178,29 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
             _merge(base[key], value, path, free)
+        elif path in free and isinstance(base[key], dict) and isinstance(value, DottedPath):
+            # a dotted override into a free-form mapping (model.overrides.embed_dim=96) changes that
+            # one key and keeps the YAML file's others; a whole mapping (model.kwargs={...}) replaces it
+            base[key] = _merge_free(base[key], value)
         else:
             number = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
             if number and isinstance(value, str):  # e.g. a typo, or "1e-3" read by an older YAML
                 raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
             base[key] = value
+
+
+def _merge_free(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by ``update``, nested mappings merged (no key checks: free-form)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = (_merge_free(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, DottedPath)
+                       else value)
+    return merged
+
+
+class DottedPath(dict):
+    """The nesting an override's dotted key builds (``a.b.c=v`` -> {a: {b: {c: v}}}), as opposed to
+    a mapping written as the value: inside a free-form mapping the first merges, the second replaces."""
 
 
 def parse_override(text: str) -> Dict[str, Any]:
@@ -197,7 +215,7 @@ def parse_override(text: str) -> Dict[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. "
                           f"{key}='\"{raw}\"', or fix the brackets") from None
     for part in reversed(key.strip().split(".")):
-        value = {part: value}
+        value = DottedPath({part: value})
     return value
 
 
