@@ -1,5 +1,6 @@
 """VideoMamba (blvit.mamba.videomamba): the official layout and checkpoints, the token order, and
 the selective-scan backends on spatio-temporal sequences."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -181,3 +182,29 @@ def test_rmeeto_on_videomamba_keeps_the_video_task_schedule():
     assert (merged - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match="larger than allowed"):
         apply_rmeeto(model, r=40)
+
+
+def test_merge_map_over_frames(tmp_path):
+    """R-MeeTo on a VideoMamba traced to its patches: the groups partition the frames' patches,
+    some span two frames, and the picture shows the frames side by side."""
+    from PIL import Image
+
+    from blvit.data.video import render_video
+    from blvit.tokens import save_video_merge_map
+    from blvit.tokens.rmeeto import apply_rmeeto
+
+    torch.manual_seed(0)
+    model = timm.create_model("videomamba_tiny", img_size=64, num_frames=4, depth=6, embed_dim=64, num_classes=5).eval()
+    apply_rmeeto(model, r=12, trace_source=True)
+    frames = render_video(np.random.default_rng(0), 0, frames=4, size=64)
+    clip = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(255).unsqueeze(0)
+    with torch.no_grad():
+        model(clip)
+    source = model.token_merge.source[0]
+    assert source.shape == (64 - 24, 4 * 16)  # 64 patch tokens, 2 merges of 12
+    assignment = save_video_merge_map(tmp_path / "merge.png", frames, source, grid=(4, 4))
+    frame_of = np.arange(64) // 16
+    spans = [len(set(frame_of[assignment == g])) for g in np.unique(assignment)]
+    assert max(spans) >= 2  # tokens merge across frames: the sequence is all frames' patches
+    picture = np.asarray(Image.open(tmp_path / "merge.png"))
+    assert picture.shape[1] > 2.5 * picture.shape[0]  # four frames side by side

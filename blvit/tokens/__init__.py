@@ -12,7 +12,7 @@ from .tome import (
     remove_tome,
     set_tome_r,
 )
-from .viz import assignment_from_source, save_merge_map
+from .viz import assignment_from_source, save_merge_map, save_video_merge_map
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -30,5 +30,6 @@ __all__ = [
     "remove_rmeeto",
     "remove_tome",
     "save_merge_map",
+    "save_video_merge_map",
     "set_tome_r",
 ]

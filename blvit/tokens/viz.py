@@ -3,6 +3,7 @@
     source = model._tome_info["source"][0, 1:, 1:]        # ToMe: drop the class token
     source = vim.token_merge.source[0]                    # R-MeeTo: patches only already
     save_merge_map("merge.png", image, source, grid=(14, 14))
+    save_video_merge_map("merge.png", frames, videomamba.token_merge.source[0], grid=(14, 14))  # VideoMamba
 """
 import os
 from typing import Optional, Sequence, Tuple, Union
@@ -10,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["assignment_from_source", "save_merge_map"]
+__all__ = ["assignment_from_source", "save_merge_map", "save_video_merge_map"]
 
 
 def assignment_from_source(source: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
@@ -81,7 +82,8 @@ def save_merge_map(path: Union[str, os.PathLike], image: np.ndarray,
                 y = (i + 1) * ph
                 segments.append([(j * pw, y), ((j + 1) * pw, y)])
 
-    fig = Figure(figsize=(max(3.0, w / 80), max(3.0, h / 80)), dpi=100)
+    grow = max(1.0, 3.0 / (min(w, h) / 80))  # at least 3 inches on the short side, aspect kept
+    fig = Figure(figsize=(w / 80 * grow, h / 80 * grow), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, 1, 1] if title is None else [0, 0, 1, 0.92])
     ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
@@ -94,4 +96,31 @@ def save_merge_map(path: Union[str, os.PathLike], image: np.ndarray,
         fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
+    return assignment
+
+
+def save_video_merge_map(path: Union[str, os.PathLike], frames: np.ndarray,
+                         source: Union[torch.Tensor, np.ndarray, Sequence[int]], grid: Tuple[int, int],
+                         **kwargs) -> np.ndarray:
+    """The merge groups of a video model (VideoMamba + R-MeeTo) over its frames, side by side.
+
+    Args:
+        frames: (T, H, W, 3) uint8, the clip's frames as the model saw them (one per tubelet).
+        source: (tokens, T * h * w) 0/1 map (patches frame-major, row-major inside a frame), or
+            an assignment (T * h * w,).
+        grid: (h, w) patch grid of one frame.
+
+    A token that merged patches of several frames has the same colour in each of them. Returns
+    the assignment in the model's patch order.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
+    t, (rows, cols) = frames.shape[0], (int(grid[0]), int(grid[1]))
+    src = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
+    assignment = assignment_from_source(src) if src.ndim == 2 else src.astype(np.int64).reshape(-1)
+    if assignment.shape[0] != t * rows * cols:
+        raise ValueError(f"{assignment.shape[0]} patches are not {t} frames of a {rows} x {cols} grid")
+    tiled = assignment.reshape(t, rows, cols).transpose(1, 0, 2).reshape(rows, t * cols)  # frames side by side
+    save_merge_map(path, np.concatenate(list(frames), axis=1), tiled.reshape(-1), (rows, t * cols), **kwargs)
     return assignment
