@@ -425,13 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", default="val.csv", help="list file under --data ('<path> <label>' lines)")
     p.add_argument("--model", action="append", required=True,
                    help="NAME[@KEY=VALUE,...][:CHECKPOINT], repeatable, e.g. videomamba_small:videomamba_s16_k400_f8_res224.pth")
-    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--num-frames", type=int, default=8, help="frames per clip (the model's num_frames)")
     p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
     p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--sampling", default="sparse", choices=("sparse", "dense"))
+    p.add_argument("--img-size", type=int, default=224, help="side of the square crops (short side resized to it)")
+    p.add_argument("--sampling", default="sparse", choices=("sparse", "dense"),
+                   help="frame sampling: sparse (the released Kinetics_sparse) or dense (sampling rate 8)")
     p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass (each with clips x crops views)")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
     p.add_argument("--max-videos", type=int, help="evaluate only N videos (quick checks)")
     p.add_argument("--strict", action="store_true", help="stop at the first missing or undecodable video")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
