@@ -304,11 +304,10 @@ def cmd_imagenet(args) -> Dict[str, Any]:
         report.setdefault("top1", r["top1"])
         report.setdefault("top5", r["top5"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    report["figure"] = str(write_figure(rows, args.out.with_suffix(".png"), f"{args.data.name}/{args.split}"))
     atomic_write_text(args.out, json.dumps(report, indent=2))
     table = markdown_rows(rows)
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")
-    report["figure"] = str(write_figure(rows, args.out.with_suffix(".png"), f"{args.data.name}/{args.split}"))
-    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return report

@@ -9,7 +9,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from blvit.data.imagenet import ImageFolderDataset, build_transforms, collate_classification, scan_imagefolder
+from blvit.data.imagenet import (ImageFolderDataset, batch_inputs, build_transforms, collate_classification,
+                                 scan_imagefolder, take_evenly)
 from blvit.flops import module_macs_on_meta
 
 
@@ -80,7 +81,7 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, a
         skipped += int(batch["skipped"])
         if "target" not in batch:
             continue
-        inputs = (batch["image"] if "image" in batch else batch["video"]).to(device)
+        inputs = batch_inputs(batch).to(device)
         target = batch["target"].to(device)
         views = inputs.shape[0] * (inputs.shape[1] if inputs.dim() == 6 else 1)
         if device.type == "cuda":
@@ -110,8 +111,7 @@ def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint:
     train_root = Path(data) / "train"
     classes = scan_imagefolder(train_root)[1] if train_root.is_dir() else None
     samples, classes = scan_imagefolder(Path(data) / split, classes)
-    if max_images:
-        samples = samples[:: max(1, len(samples) // max_images)][:max_images]
+    samples = take_evenly(samples, max_images)
     rows = []
     for spec in specs:
         label, name, own_kwargs, checkpoint = parse_classifier_spec(spec)

@@ -20,6 +20,7 @@ def video_macs(model: torch.nn.Module) -> int:
 def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int, clips: int, crops: int, img_size: int,
               sampling: str, batch_size: int, workers: int, max_videos: Optional[int], device: torch.device,
               amp: bool, strict: bool = False) -> List[Dict[str, Any]]:
+    from blvit.data.imagenet import take_evenly
     from blvit.data.video import VideoClipDataset
     from blvit.train.classification import create_classifier
 
@@ -28,8 +29,7 @@ def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int,
     dataset = VideoClipDataset.from_list(Path(data) / list_name, data, strict=strict, num_frames=num_frames,
                                          img_size=img_size, training=False, test_clips=clips, test_crops=crops,
                                          sampling=sampling)
-    if max_videos:
-        dataset.samples = dataset.samples[:: max(1, len(dataset.samples) // max_videos)][:max_videos]
+    dataset.samples = take_evenly(dataset.samples, max_videos)
     rows = []
     for spec in specs:
         label, name, kwargs, checkpoint = parse_classifier_spec(spec)

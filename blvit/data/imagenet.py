@@ -118,6 +118,20 @@ class ImageFolderDataset(Dataset):
         return {"image": self.transform(image), "target": torch.tensor(target)}
 
 
+def take_evenly(items: List[Any], count: Optional[int]) -> List[Any]:
+    """At most ``count`` items spread evenly over ``items`` (all of them when ``count`` is falsy):
+    the quick-check subsets of evaluation (``--max-images``, ``data.val_count``)."""
+    if not count:
+        return items
+    return items[:: max(1, len(items) // count)][:count]
+
+
+def batch_inputs(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model input of a collated batch: ``image`` (B, 3, H, W) or ``video`` (B, 3, T, H, W),
+    (B, views, 3, T, H, W) for multi-view clips."""
+    return batch["image"] if "image" in batch else batch["video"]
+
+
 def collate_classification(batch: List[Optional[Dict[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
     """Stack the usable samples; ``skipped`` counts those dropped."""
     kept = [b for b in batch if b is not None]

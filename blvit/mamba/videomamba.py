@@ -43,7 +43,7 @@ from ..flops import module_macs_on_meta, timm_model_on_meta
 from ..utils.io import CheckpointError, PathLike
 from ..utils.tracing import fx_tracing
 from .selective_scan import count_scan_macs
-from .vim import VisionMamba, _check_state, _read, _timm_checkpoint_path, select_state_dict
+from .vim import VisionMamba, _check_state, _read, _timm_checkpoint_path, rescale_out_proj_, select_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +119,7 @@ class VideoMamba(VisionMamba):
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.zeros_(self.cls_token)
         nn.init.zeros_(self.temporal_pos_embedding)
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # GPT-2 style rescaling of the residual branches
-                nn.init.kaiming_uniform_(p, a=5 ** 0.5)
-                with torch.no_grad():
-                    p /= self.depth ** 0.5
+        rescale_out_proj_(self, self.depth)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -167,9 +163,7 @@ def videomamba_filter_fn(state_dict: Mapping[str, Any], model: VideoMamba, where
     -> this model's: a 2-D patch kernel (image checkpoint) is inflated to the tubelet at its centre
     frame and the missing temporal embedding is taken from the model (zeros); a temporal embedding
     of another length is interpolated linearly; ``head.*`` is dropped when the class count differs."""
-    state = dict(select_state_dict(state_dict, where) if any(k in state_dict for k in ("model", "module", "state_dict", "model_ema"))
-                 else state_dict)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = select_state_dict(state_dict, where)
     own = nn.Module.state_dict(model)
     kernel = state.get("patch_embed.proj.weight")
     if isinstance(kernel, torch.Tensor) and kernel.dim() == 4 and own["patch_embed.proj.weight"].dim() == 5:

@@ -190,6 +190,16 @@ class Mamba(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
+def rescale_out_proj_(model: nn.Module, depth: int) -> None:
+    """Mamba's ``_init_weights`` for the residual branches (GPT-2 style): every mixer's
+    ``out_proj.weight`` re-drawn Kaiming-uniform and divided by sqrt(depth)."""
+    for name, p in model.named_parameters():
+        if name.endswith("out_proj.weight"):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            with torch.no_grad():
+                p /= math.sqrt(depth)
+
+
 class VimBlock(nn.Module):
     """``residual = residual + drop_path(hidden)`` (or the input, first block);
     ``hidden = mixer(norm(residual))``. Returns (hidden, residual)."""
@@ -302,11 +312,7 @@ class VisionMamba(TokenFeatures, nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
                 nn.init.zeros_(module.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):  # GPT-2 style rescaling of the residual branches
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                with torch.no_grad():
-                    p /= math.sqrt(self.depth)
+        rescale_out_proj_(self, self.depth)
 
     # -- timm API ----------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -479,9 +485,10 @@ def _read(path: PathLike) -> Dict[str, Any]:
 
 
 def select_state_dict(obj: Mapping[str, Any], path: PathLike = "state dict", use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The weights in an official Vim file: ``"model"`` (or ``"model_ema"`` with ``use_ema``, or when
-    there is no ``"model"``), ``"state_dict"``, or a plain state dict; DDP ``module.`` stripped."""
-    keys = ("model_ema", "model", "state_dict") if use_ema else ("model", "model_ema", "state_dict")
+    """The weights in an official Vim / VideoMamba file: ``"model"`` (or ``"model_ema"`` with
+    ``use_ema``, or when there is no ``"model"``), ``"module"`` (VideoMamba's ``model_key``
+    ``model|module``), ``"state_dict"``, or a plain state dict; DDP ``module.`` stripped."""
+    keys = ("model_ema", "model", "module", "state_dict") if use_ema else ("model", "model_ema", "module", "state_dict")
     for key in keys:
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]

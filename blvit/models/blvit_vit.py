@@ -383,6 +383,13 @@ def make_config(variant: str = "b+t", **overrides: Any) -> BigLittleViTConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def class_token_attention(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The class token's softmax attention row, averaged over heads (float32): q_cls (B, h, 1, d)
+    unscaled, k (B, h, L, d) -> (B, L). What EViT, Evo-ViT and the class-attention selector rank by."""
+    logits = (q_cls * q_cls.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, 1, L)
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
 def class_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The class token's attention to every token, averaged over heads, with ``attn``'s query and
     key projections (one query row: O(N C^2) for the keys). x (B, 1 + N, C) normalised -> (B, 1 + N)."""
@@ -391,7 +398,7 @@ def class_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight, bias = attn.qkv.weight, attn.qkv.bias
     q = F.linear(x[:, :1], weight[:d], None if bias is None else bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
     k = F.linear(x, weight[d:2 * d], None if bias is None else bias[d:2 * d]).view(b, n, h, d // h).transpose(1, 2)
-    return ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1).mean(1)[:, 0]
+    return class_token_attention(q, k)
 
 
 class BigLittleViT(ClassTokenViT):

@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from ..blocks import DenseBlock
-from .blvit_vit import ClassTokenViT, _cfg, create_deit_variant
+from .blvit_vit import ClassTokenViT, _cfg, class_token_attention, create_deit_variant
 from .features import TakenTokens
 
 __all__ = ["EViT", "EViTBlock", "evit_kept_tokens", "reorganize_tokens"]
@@ -106,9 +106,7 @@ class EViTBlock(DenseBlock):
         qkv = attn.qkv(x).view(b, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, L, d)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, -1)
-        cls_logits = (q[:, :, :1] * attn.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, 1, L)
-        cls_attn = cls_logits.float().softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)  # (B, L - 1)
-        return attn.proj(out), cls_attn
+        return attn.proj(out), class_token_attention(q[:, :, :1], k)[:, 1:]  # (B, L - 1)
 
     def forward(self, x: torch.Tensor, keep_rate: float = 1.0, fuse_token: bool = True, return_index: bool = False,
                 num_tokens: Optional[int] = None):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import blvit  # noqa: F401,I001  (registers this toolkit's timm models)
-from blvit.data.imagenet import ImageFolderDataset, build_transforms, collate_classification, scan_imagefolder
+from blvit.data.imagenet import (ImageFolderDataset, batch_inputs, build_transforms, collate_classification,
+                                 scan_imagefolder, take_evenly)
 
 from .loop import Task, dist_info, run, seed_everything, uses_bf16
 
@@ -175,9 +176,8 @@ def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, ba
     for batch in loader:
         if "target" not in batch:
             continue
-        inputs = batch["image"] if "image" in batch else batch["video"]  # clips: (B, views, 3, T, H, W)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits = view_averaged_logits(model, inputs.to(device))
+            logits = view_averaged_logits(model, batch_inputs(batch).to(device))
         target = batch["target"].to(device)
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         totals += torch.tensor([float((top5[:, 0] == target).sum()), float((top5 == target[:, None]).any(-1).sum()),
@@ -206,8 +206,7 @@ def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool):
     if d["val_list"]:
         val_set = VideoClipDataset.from_list(root / d["val_list"], root, strict=strict, training=False, test_clips=1,
                                              test_crops=1, **common)
-        if d["val_count"]:
-            val_set.samples = val_set.samples[:: max(1, len(val_set.samples) // d["val_count"])][: d["val_count"]]
+        val_set.samples = take_evenly(val_set.samples, d["val_count"])
     return train_set, val_set
 
 
@@ -223,8 +222,7 @@ def _datasets(cfg: Dict[str, Any], img_size: int, strict: bool) -> Tuple[ImageFo
     val_set = None
     if d["val_split"]:
         samples, classes = scan_imagefolder(root / d["val_split"], train_set.classes)
-        if d["val_count"]:
-            samples = samples[:: max(1, len(samples) // d["val_count"])][: d["val_count"]]
+        samples = take_evenly(samples, d["val_count"])
         val_set = ImageFolderDataset(samples, classes, build_transforms(img_size, False, d), cfg["seed"], strict)
     return train_set, val_set
 
@@ -278,7 +276,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
         return DistributedSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True, seed=seed, drop_last=True)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = batch["image"] if "image" in batch else batch["video"]
+        inputs = batch_inputs(batch)
         if mixup is not None and inputs.shape[0] % 2:
             raise ValueError("Mixup/CutMix needs an even per-process batch size (train.batch_size)")
         return model(inputs, batch["target"])
