@@ -171,6 +171,23 @@ def gather_tokens(x: torch.Tensor, selection: TokenSelection) -> torch.Tensor:
     return x.reshape(b * n, c).index_select(0, selection.gather_index).view(b, -1, c)
 
 
+class _RowScatterAdd(torch.autograd.Function):
+    """``data.index_add(0, index, updates)`` on a (N, C) table that exports as one ONNX
+    ``ScatterND(reduction="add")`` with (K, 1) row indices: whole rows added, exact with repeated
+    indices. (``scatter_add`` exports as ``ScatterElements`` with a (K, C) index tensor, element
+    by element: 6 % of the b+t encoder's time under ONNX Runtime at 1024 px, against about 1 %.)
+    Export only: the eager path is ``index_add``."""
+
+    @staticmethod
+    def forward(ctx, data: torch.Tensor, index: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        return data.index_add(0, index, updates)
+
+    @staticmethod
+    def symbolic(g, data, index, updates):
+        rows = g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1])))
+        return g.op("ScatterND", data, rows, updates, reduction_s="add")
+
+
 def add_to_tokens(
     x: torch.Tensor, selection: TokenSelection, update: torch.Tensor, inplace: bool = False
 ) -> torch.Tensor:
@@ -183,10 +200,8 @@ def add_to_tokens(
     src = update.reshape(-1, c).to(x.dtype)
     flat = x.view(b * n, c) if inplace else x.reshape(b * n, c)
     if torch.onnx.is_in_onnx_export():
-        # index_add exports as a scatter that overwrites repeated indices (padding picks all point
-        # at token 0); scatter_add exports with reduction="add", exact with repeats
-        index = selection.gather_index[:, None].expand(-1, c)
-        return flat.scatter_add(0, index, src).view(b, n, c)
+        # index_add's own export overwrites repeated indices (padding picks all point at token 0)
+        return _RowScatterAdd.apply(flat, selection.gather_index, src).view(b, n, c)
     if inplace:  # the result (x itself) is returned from the op, so a traced graph keeps the op
         return flat.index_add_(0, selection.gather_index, src).view(b, n, c)
     return flat.index_add(0, selection.gather_index, src).view(b, n, c)

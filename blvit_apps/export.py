@@ -207,7 +207,7 @@ def half_encoder(out: Path, meta: Dict[str, Any], sam, min_cosine: float) -> Dic
     target = out / "encoder.fp16.onnx"
     model = onnx.load(str(out / meta["file"]))
     # the routing's scatter-add stays float32: onnxruntime's CPU kernel has no float16 reduction
-    keep_fp32 = list(DEFAULT_OP_BLOCK_LIST) + ["ScatterElements"]
+    keep_fp32 = list(DEFAULT_OP_BLOCK_LIST) + ["ScatterND"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         half = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep_fp32)
     onnx.save(half, str(target))

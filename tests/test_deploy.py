@@ -208,3 +208,35 @@ def test_onnx_predictor_bad_inputs_get_one_clear_error(exported_bt, tmp_path):
         predictor.set_image(np.zeros((50, 60, 3), np.float32))
     with pytest.raises(RuntimeError, match="set_image first"):
         predictor.predict(box=np.array([1, 2, 3, 4]))
+
+
+def test_routed_add_exports_as_row_scatter_add_exact_with_repeated_indices(tmp_path):
+    """add_to_tokens under ONNX export is one ScatterND(reduction="add") that adds every update,
+    also when padding picks repeat token 0 (an overwriting scatter would drop some)."""
+    import onnx
+    import onnxruntime as ort
+
+    from blvit.routing import TokenSelection, add_to_tokens
+
+    class AddBack(torch.nn.Module):
+        def forward(self, x, index, update):
+            b, k = index.shape
+            gather = (index + torch.arange(b)[:, None] * x.shape[1]).reshape(-1)
+            selection = TokenSelection(index, gather, update[..., 0], update[..., 0], None, None, 0)
+            return add_to_tokens(x * 1.0, selection, update, inplace=True)
+
+    torch.manual_seed(0)
+    x, update = torch.randn(2, 10, 8), torch.randn(2, 6, 8)
+    index = torch.tensor([[0, 3, 0, 0, 9, 5], [1, 1, 2, 0, 0, 7]])  # repeats, as padding picks make
+    path = tmp_path / "add_back.onnx"
+    torch.onnx.export(AddBack(), (x, index, update), str(path), input_names=["x", "index", "update"],
+                      opset_version=17, dynamo=False)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "ScatterND" in ops and "ScatterElements" not in ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy(), "index": index.numpy(), "update": update.numpy()})[0]
+    expected = x.clone()
+    for b in range(2):
+        for j, i in enumerate(index[b].tolist()):
+            expected[b, i] += update[b, j]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
