@@ -152,27 +152,51 @@ def expand_backends(names: Sequence[str], backends: Sequence[str]) -> List[str]:
     return out
 
 
-def onnxruntime_step(enc: nn.Module, x: torch.Tensor, folder: Path) -> Callable[[], Any]:
-    """``enc`` exported (TorchScript tracing, opset 17, the input's static shape) and one ONNX Runtime
-    CPU run of it, with as many threads as torch uses."""
-    import onnxruntime as ort
-
+def export_for_onnxruntime(enc: nn.Module, x: torch.Tensor, folder: Path) -> Path:
+    """``enc`` exported (TorchScript tracing, opset 17, the input's static shape) to ``folder``."""
     path = folder / "encoder.onnx"
     with torch.no_grad():
         torch.onnx.export(enc, (x,), str(path), input_names=["image"], output_names=["image_embeddings"],
                           opset_version=17, dynamo=False)
+    return path
+
+
+def onnxruntime_session(path: Path, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime CPU session with as many threads as torch uses (optionally profiling)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_op_profile(path: Path, x: torch.Tensor, warmup: int, folder: Path) -> Dict[str, float]:
+    """Seconds of kernel time per ONNX op type in one run after ``warmup`` runs (ORT's profiler):
+    where an exported graph spends its time, e.g. what the routing's gathers and scatters cost."""
+    session = onnxruntime_session(path, str(folder / "ort_profile"))
     feed = {"image": x.cpu().numpy()}
-    return lambda: session.run(None, feed)
+    for _ in range(max(1, warmup)):
+        session.run(None, feed)
+    session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    last_run = max((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    per_op: Dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_run["ts"]:
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e6
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
 def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], repeats: int, warmup: int,
                   device: torch.device, amp: bool, compile_: bool = False, with_predictor: bool = True,
-                  runtimes: Sequence[str] = ("torch",)) -> List[Dict[str, Any]]:
+                  runtimes: Sequence[str] = ("torch",), ort_profile: bool = False) -> List[Dict[str, Any]]:
     """``runtimes``: "torch" (PyTorch eager, or compiled) and / or "onnxruntime" (each encoder
-    exported to ONNX and run by ONNX Runtime on the CPU), side by side on the same weights."""
+    exported to ONNX and run by ONNX Runtime on the CPU), side by side on the same weights;
+    ``ort_profile``: add each ONNX Runtime row's kernel seconds per op type (one extra run)."""
     import tempfile
 
     rows = []
@@ -185,15 +209,22 @@ def run_benchmark(names: Sequence[str], img_size: int, batches: Sequence[int], r
             for batch in batches:
                 x = torch.randn(batch, 3, img_size, img_size)
                 with tempfile.TemporaryDirectory() as tmp:
-                    step = onnxruntime_step(enc.eval(), x, Path(tmp))
-                    times = time_call(step, device, repeats, warmup)
+                    path = export_for_onnxruntime(enc.eval(), x, Path(tmp))
+                    session, feed = onnxruntime_session(path), {"image": x.numpy()}
+                    times = time_call(lambda: session.run(None, feed), device, repeats, warmup)
+                    del session
+                    op_seconds = onnxruntime_op_profile(path, x, warmup, Path(tmp)) if ort_profile else None
                 median = statistics.median(times)
                 rows.append({"encoder": f"{name} (onnxruntime)", "runtime": "onnxruntime", "batch": batch,
                              "img_size": img_size, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times),
                              "max_ms": 1e3 * max(times), "images_per_s": batch / median,
                              "gmacs_per_image": module_macs_on_meta(enc, (1, 3, img_size, img_size)) / 1e9,
-                             "peak_memory_gib": None, "bf16_peak_fraction": None})
+                             "peak_memory_gib": None, "bf16_peak_fraction": None, "ort_op_seconds": op_seconds})
                 print(f"  {name} onnxruntime batch {batch}: {1e3 * median:.1f} ms", flush=True)
+                if op_seconds:
+                    total = sum(op_seconds.values())
+                    print("    ORT kernel time by op: " + ", ".join(
+                        f"{op} {100 * t / total:.1f}%" for op, t in list(op_seconds.items())[:8]), flush=True)
             if "torch" not in runtimes:
                 continue
         # a line per encoder: at 1024 px on a CPU each one takes minutes
@@ -286,6 +317,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                         help="torch (PyTorch eager / --compile) and / or onnxruntime (each encoder exported to ONNX, "
                              "run by ONNX Runtime on the CPU, fp32): the same weights side by side")
+    parser.add_argument("--ort-profile", action="store_true",
+                        help="with --backend onnxruntime: one extra profiled run per encoder; kernel seconds per ONNX "
+                             "op type printed and written to bench.json (ort_op_seconds)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each encoder")
     parser.add_argument("--no-predictor", action="store_true", help="skip the SamPredictor latency")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -293,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device = torch.device("cuda" if gpu else "cpu")
     amp = not args.fp32 and gpu  # bf16 autocast on CPU is slower than float32 and says nothing about GPUs
     rows = run_benchmark(expand_backends(args.encoders, args.attn_backends), args.img_size, args.batches, args.repeats, args.warmup, device, amp,
-                         args.compile, not args.no_predictor, args.backend)
+                         args.compile, not args.no_predictor, args.backend, args.ort_profile)
     report = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
               "dtype": "bf16" if amp else "float32", "torch": torch.__version__, "compile": args.compile,
               "command": "blvit-bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "rows": rows}

@@ -42,3 +42,17 @@ def test_bench_attention_backends(tmp_path):
         build_encoders(["vit_b/folded"], 128)
     with pytest.raises(ValueError, match="unknown encoder 'vit_q'"):
         build_encoders(["vit_q"], 128)
+
+
+def test_bench_onnxruntime_backend_with_op_profile(tmp_path):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    main(["--img-size", "64", "--encoders", "b+t@0.25", "--backend", "torch", "onnxruntime", "--ort-profile",
+          "--fp32", "--batches", "1", "--repeats", "1", "--warmup", "0", "--no-predictor", "--out", str(tmp_path)])
+    rows = {r["encoder"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"b+t@0.25", "b+t@0.25 (onnxruntime)"}
+    ops = rows["b+t@0.25 (onnxruntime)"]["ort_op_seconds"]
+    # the routed graph: top-k selection, row gathers and the row scatter-add of the P-block results
+    assert {"TopK", "Gather", "ScatterND"} <= set(ops) and "ScatterElements" not in ops
+    assert all(t >= 0 for t in ops.values()) and sum(ops.values()) > 0
