@@ -500,8 +500,9 @@ def test_vim_trains_and_counts_flops():
 @pytest.mark.parametrize("bc", ["var", "fixed", "group2"])
 @pytest.mark.parametrize("last_state", [False, True])
 def test_recomputed_chunks_give_plain_autograds_gradients(bc, last_state, monkeypatch):
-    """Training through the torch scan recomputes each chunk in backward: the same outputs, last
-    state and gradients of every input as autograd through every chunk (float64, 1e-10)."""
+    """Training through the torch scan recomputes each chunk in backward with the recurrence's
+    written-out adjoint: the same outputs, last state and gradients of every input as autograd
+    through every chunk (the scan computes in float32: equal to 1e-5, rounding apart)."""
     scan = importlib.import_module("blvit.mamba.selective_scan")
     inp = {k: (v.double() if torch.is_tensor(v) else v) for k, v in _scan_inputs(batch=2, dim=4, length=45, n=3, bc=bc, seed=3).items()}
     results = {}
@@ -516,9 +517,9 @@ def test_recomputed_chunks_give_plain_autograds_gradients(bc, last_state, monkey
             loss = loss + (state * state).sum()
         loss.backward()
         results[recompute] = (out.detach(), state, {k: leaves[k].grad for k in SCAN_KEYS})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     for k in SCAN_KEYS:
-        torch.testing.assert_close(results[True][2][k], results[False][2][k], rtol=1e-10, atol=1e-10, msg=k)
+        torch.testing.assert_close(results[True][2][k], results[False][2][k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_training_scan_keeps_no_sequence_by_state_tensor():
