@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(json.dumps(manifest, indent=2))
 
 
-def ensure_videos(root: Path, train_per_class: int = 16, val_per_class: int = 6) -> Path:
+def ensure_videos(root: Path, train_per_class: int = 64, val_per_class: int = 16) -> Path:
     """The synthetic video set under ``root`` (written once; ``root/train.csv`` marks it done)."""
     from .video import write_video_dataset
 

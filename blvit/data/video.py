@@ -290,27 +290,48 @@ class VideoClipDataset(Dataset):
 MOTIONS = ("right", "left", "down", "up")
 
 
-def render_video(rng: np.random.Generator, label: int, frames: int = 24, size: int = 64) -> np.ndarray:
-    """(frames, size, size, 3) uint8: a textured shape moving in direction ``MOTIONS[label % 4]``
-    over a textured background; kind, colour, start and speed are random, so only the motion
-    (the order of the frames) tells the classes apart."""
+def render_video(rng: np.random.Generator, label: int, frames: int = 24, size: int = 64,
+                 background: str = "plain", travel: str = "edge") -> np.ndarray:
+    """(frames, size, size, 3) uint8: a shape moving in direction ``MOTIONS[label % 4]``; kind,
+    colour, place and speed are random, so only the motion (the order of the frames) tells the
+    classes apart.
+
+    ``background``: ``"plain"`` (a dark uniform field, the shape a bright colour: a patch holds the
+    shape or not by its own pixels) or ``"textured"`` (stripes or checks of a random colour behind
+    a textured shape of another: telling shape from background takes comparing patches, which
+    tiny token models learn slowly; docs/method.md). ``travel``: ``"edge"`` (the shape enters at
+    the edge it moves away from, so where it is in the first frame already hints at the class) or
+    ``"anywhere"`` (a random start from which the whole path stays inside the frame: only the
+    displacement between frames tells)."""
     from .synthetic import _texture
 
-    background = _texture(rng, size, size, rng.uniform(60, 200, 3))
+    if background not in ("plain", "textured") or travel not in ("edge", "anywhere"):
+        raise ValueError(f"background must be 'plain' or 'textured' and travel 'edge' or 'anywhere', "
+                         f"got {background!r}, {travel!r}")
     side = int(rng.integers(size // 4, size // 2))
     yy, xx = (np.mgrid[0:side, 0:side] + 0.5) / side - 0.5  # the shape fills its box: a rectangle, ellipse or diamond
     shape = [np.ones((side, side), bool), yy ** 2 + xx ** 2 < 0.25, np.abs(yy) + np.abs(xx) < 0.5][int(rng.integers(3))]
-    colour = rng.uniform(0, 255, 3)
-    skin = _texture(rng, side, side, colour)
-    speed = rng.uniform(0.6, 1.2) * (size - side) / frames
+    if background == "textured":
+        backdrop = _texture(rng, size, size, rng.uniform(60, 200, 3))
+        skin = _texture(rng, side, side, rng.uniform(0, 255, 3))
+    else:
+        backdrop = np.clip(rng.uniform(10, 50) + rng.normal(0, 4, (size, size, 3)), 0, 255)
+        skin = np.clip(rng.uniform(140, 255, 3) + rng.normal(0, 4, (side, side, 3)), 0, 255)
+    room = size - side
     dy, dx = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}[MOTIONS[label % 4]]
-    y0 = rng.uniform(0, size - side) if dy == 0 else (0 if dy > 0 else size - side)
-    x0 = rng.uniform(0, size - side) if dx == 0 else (0 if dx > 0 else size - side)
+    if travel == "edge":
+        speed = rng.uniform(0.6, 1.2) * room / frames
+        start = 0.0
+    else:  # half to all of the room, from a start that keeps the whole path inside
+        distance = rng.uniform(0.5, 1.0) * room
+        speed, start = distance / frames, rng.uniform(0, room - distance)
+    y0 = rng.uniform(0, room) if dy == 0 else (start if dy > 0 else room - start)
+    x0 = rng.uniform(0, room) if dx == 0 else (start if dx > 0 else room - start)
     video = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        y = int(round(np.clip(y0 + dy * speed * t, 0, size - side)))
-        x = int(round(np.clip(x0 + dx * speed * t, 0, size - side)))
-        image = background.copy()
+        y = int(round(np.clip(y0 + dy * speed * t, 0, room)))
+        x = int(round(np.clip(x0 + dx * speed * t, 0, room)))
+        image = backdrop.copy()
         region = image[y:y + side, x:x + side]
         region[shape] = skin[shape]
         video[t] = np.clip(image, 0, 255).astype(np.uint8)
@@ -334,10 +355,11 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> None:
 
 
 def write_video_dataset(root: Path, num_classes: int = 4, train_per_class: int = 16, val_per_class: int = 4,
-                        frames: int = 24, size: int = 64, seed: int = 0) -> Dict[str, Path]:
+                        frames: int = 24, size: int = 64, seed: int = 0, background: str = "plain",
+                        travel: str = "edge") -> Dict[str, Path]:
     """Moving-shape videos in the Kinetics list layout: ``videos/<split>/<id>.mp4`` plus
     ``train.csv`` / ``val.csv`` with ``<path> <label>`` lines (paths relative to ``root``) and
-    ``classes.txt`` (one motion per line)."""
+    ``classes.txt`` (one motion per line). ``background`` / ``travel``: :func:`render_video`'s."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     lists = {}
@@ -346,7 +368,7 @@ def write_video_dataset(root: Path, num_classes: int = 4, train_per_class: int =
         for c in range(num_classes):
             for i in range(count):
                 rel = Path("videos") / split / f"{MOTIONS[c % 4]}_{c}_{i:04d}.mp4"
-                write_video(root / rel, render_video(rng, c, frames, size))
+                write_video(root / rel, render_video(rng, c, frames, size, background, travel))
                 lines.append(f"{rel} {c}")
         lists[split] = root / f"{split}.csv"
         lists[split].write_text("\n".join(lines) + "\n")
