@@ -14,14 +14,16 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Files with the most ``heavy`` tests first. CI runs the suite on two workers (``-n 2
-    --dist loadfile`` in setup.cfg: each file stays on one worker, so its module fixtures are built
-    once); handing out the long files first keeps one worker from finishing a long file alone
-    at the end (15.5 -> ~13 min here)."""
-    heavy = {}
+    """The longest files first. CI runs the suite on two workers (``-n 2 --dist loadfile`` in
+    setup.cfg: each file stays on one worker, so its module fixtures are built once); handing out
+    the long files first keeps one worker from running a long file alone at the end. A file's
+    length is guessed from its ``heavy`` tests: ``seconds`` where the marker gives it (the few
+    single tests of minutes), else 30 each."""
+    cost = {}
     for item in items:
-        heavy[item.path] = heavy.get(item.path, 0) + (item.get_closest_marker("heavy") is not None)
-    order = {path: rank for rank, path in enumerate(sorted(heavy, key=lambda p: -heavy[p]))}
+        mark = item.get_closest_marker("heavy")
+        cost[item.path] = cost.get(item.path, 0) + (0 if mark is None else mark.kwargs.get("seconds", 30))
+    order = {path: rank for rank, path in enumerate(sorted(cost, key=lambda p: -cost[p]))}
     items.sort(key=lambda item: order[item.path])  # stable: the order inside a file is kept
 
 # Small shapes for CI: a 256 x 256 input gives a 16 x 16 grid, so windows of 14 are padded to

@@ -281,7 +281,7 @@ def test_the_ladder_has_its_rows_in_order():
     assert load_config(LADDER[-2], [])["loss"]["distill"] == "none"
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=5)
 @pytest.mark.parametrize("config", LADDER, ids=[p.stem for p in LADDER])
 def test_every_ladder_config_trains_on_generated_data(config, tiny_deit_file, tmp_path_factory, tmp_path):
     """Each row's recipe (mixup, cutmix, RandAugment, repeated augmentation...) for 3 steps on the

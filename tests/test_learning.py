@@ -18,7 +18,7 @@ def _mean(rows, key, part):
     return sum(values[:n] if part == "first" else values[-n:]) / n
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=75)
 def test_quickstart_distillation_learns(tmp_path):
     write_sa1b(tmp_path / "train", 64, seed=0)
     write_sa1b(tmp_path / "val", 12, seed=2)  # held-out images: other seeds, other shapes

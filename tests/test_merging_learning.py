@@ -41,7 +41,7 @@ def _top1(model, dataset) -> float:
     return evaluate_classifier(model.eval(), dataset, torch.device("cpu"), False, 50, 0, "val")["top1"]
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=165)
 def test_rmeeto_accuracy_drop_and_kd_recovery(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reproducible figures, and no oversubscription of a small shared CPU

@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
             "baseline": filled_box(paths["coco"])}
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=130)  # the module fixture trains the model
 def test_trained_sam_beats_the_filled_box(trained):
     box, baseline = trained["box"], trained["baseline"]
     print(f"held-out box mIoU: trained {box['mIoU']:.3f}, filled box {baseline['mIoU']:.3f} "

@@ -130,7 +130,7 @@ def test_eval_video_averages_the_views(videos, tmp_path):
     assert (tmp_path / "video.md").read_text().startswith("| model | frames | views |")
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(seconds=90)
 def test_tiny_videomamba_learns_the_motions_through_the_trainer(tmp_path):
     """configs/video/quickstart.yaml through the trainer, shortened to 6 epochs (96 steps) on the
     generated videos: validation top-1 goes from chance (25 %, 4 motions) to well above it. The
