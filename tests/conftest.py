@@ -14,11 +14,13 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The longest files first. CI runs the suite on two workers (``-n 2 --dist loadfile`` in
-    setup.cfg: each file stays on one worker, so its module fixtures are built once); handing out
-    the long files first keeps one worker from running a long file alone at the end. A file's
-    length is guessed from its ``heavy`` tests: ``seconds`` where the marker gives it (the few
-    single tests of minutes), else 30 each."""
+    """The longest files first. CI runs the suite on two workers (``-n 2 --dist worksteal`` in
+    setup.cfg): each worker starts on one half of this order and an idle one takes tests from the
+    end of the other's queue, so with the long files at the front the run ends on short tests
+    instead of one worker running a long file alone (``--dist loadfile`` hands out files by test
+    count, which put the 165 s R-MeeTo test last: 15 min). A file's length is guessed from its
+    ``heavy`` tests: ``seconds`` where the marker gives it (the few single tests of minutes),
+    else 30 each."""
     cost = {}
     for item in items:
         mark = item.get_closest_marker("heavy")
