@@ -16,9 +16,7 @@ import torch
 
 import blvit  # noqa: F401  (registers the Vim models with timm)
 from blvit.data.imagenet import ImageFolderDataset, build_transforms, write_imagefolder
-from blvit.train.classification import apply_merging, create_classifier, train
-from blvit.train.config import load_config
-from eval.imagenet import evaluate_classifier
+from eval.recovery import merge_and_retrain
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs/imagenet/quickstart.yaml"
@@ -37,10 +35,6 @@ BASE = ["train.epochs=10", "train.lr=3e-3"]
 RETRAIN = ["train.epochs=4", "train.lr=2e-3", "loss.distill=kd", "loss.distill_weight=0.5"]
 
 
-def _top1(model, dataset) -> float:
-    return evaluate_classifier(model.eval(), dataset, torch.device("cpu"), False, 50, 0, "val")["top1"]
-
-
 @pytest.mark.heavy(seconds=165)
 def test_rmeeto_accuracy_drop_and_kd_recovery(tmp_path):
     threads = torch.get_num_threads()
@@ -57,38 +51,14 @@ def _drop_and_recovery(tmp_path: Path) -> None:
     write_imagefolder(data, num_classes=4, train_per_class=200, val_per_class=25, size=64, seed=0)
     val_set = ImageFolderDataset.from_folder(data / "val", build_transforms(KWARGS["img_size"], False, {}))
     common = [f"data.root={data}", f"model.name={NAME}", f"model.kwargs={json.dumps(KWARGS)}", "seed=0"]
-
-    # 1. the unmerged model
-    base_dir = tmp_path / "base"
-    train(load_config(QUICK, common + [f"output_dir={base_dir}"] + BASE))
-    best = base_dir / "checkpoints/best.pth"
-    dense = create_classifier(NAME, {}, checkpoint=str(best))
-    assert dense.token_merge is None
-    unmerged = _top1(dense, val_set)
-    trained = time.perf_counter()
-
-    # 2. the same weights merged, no re-training
-    merged_model = apply_merging(create_classifier(NAME, {}, checkpoint=str(best)), MERGE)
-    merged = _top1(merged_model, val_set)
-    tokens = merged_model.token_merge.token_counts
-
-    # 3. the merged model re-trained with KD from the unmerged one
-    re_dir = tmp_path / "retrain"
-    summary = train(load_config(QUICK, common + [
-        f"output_dir={re_dir}", f"model.checkpoint={best}", f"model.merge={json.dumps(MERGE)}",
-        f"teacher.name={NAME}", f"teacher.kwargs={json.dumps(KWARGS)}", f"teacher.checkpoint={best}"] + RETRAIN))
-    retrained_model = create_classifier(NAME, {}, checkpoint=summary["best_checkpoint"])
-    assert retrained_model.token_merge is not None  # the checkpoint brings its merging back
-    retrained = _top1(retrained_model, val_set)
-    assert retrained_model.token_merge.token_counts == tokens
-    rows = [json.loads(line) for line in (re_dir / "metrics.jsonl").read_text().splitlines()]
-    per_epoch = [r["val_top1"] for r in rows if "val_top1" in r]
+    result = merge_and_retrain(QUICK, common, BASE, MERGE, RETRAIN, val_set, tmp_path)
+    unmerged, merged, retrained = result["unmerged"], result["merged"], result["retrained"]
+    tokens, per_epoch = result["tokens"], result["retrain_val_top1"]
 
     print(f"\nVim {KWARGS} + R-MeeTo {MERGE}: tokens entering the blocks {tokens}")
     print(f"val top-1 on {len(val_set)} held-out images (chance 25 %): unmerged {unmerged:.1f} %, "
           f"merged without re-training {merged:.1f} %, merged + {RETRAIN[0].split('=')[1]} epochs of KD re-training "
-          f"{retrained:.1f} % (re-training run's validation: {per_epoch}); "
-          f"{trained - start:.0f} s base training, {time.perf_counter() - trained:.0f} s merging + re-training")
+          f"{retrained:.1f} % (re-training run's validation: {per_epoch}); {time.perf_counter() - start:.0f} s")
     assert tokens == [17, 12, 7, 7]
     assert per_epoch[0] == pytest.approx(merged)  # the trainer's step-0 validation saw the same drop
     assert unmerged >= 70.0
