@@ -79,7 +79,7 @@ class SamTrainingModule(nn.Module):
         rounds, each fed the previous round's mask logits and each supervised. The masks of all
         images that start from the same kind of prompt are decoded together."""
         sam, cfg = self.sam, self.loss_cfg
-        weights = {k: cfg[k] for k in ("focal_weight", "dice_weight", "iou_weight")}
+        weights = {k: cfg[k] for k in ("focal_weight", "focal_alpha", "dice_weight", "iou_weight")}
         valid = batch["valid"]
         # Mean over each image's masks, then over images: the same objective whatever the
         # split of a global batch across processes.
@@ -204,7 +204,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     # the mask decoder's low-resolution output: 4 x the encoder's grid (S/4 for 16-pixel patches)
     mask_size = 4 * img_size // getattr(student.image_encoder, "patch_size", 16)
     dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"],
-                          mask_size=mask_size)
+                          mask_size=mask_size, mask_targets=d["mask_targets"])
     layers = cfg["loss"]["distill_layers"] or []
     layers = cfg["loss"]["distill_layers"] = [layers] if isinstance(layers, int) else list(layers)
     if layers and teacher is None:

@@ -201,3 +201,61 @@ def test_other_patch_sizes_train_at_their_own_mask_resolution(tmp_path):
     assert bool((labels == 1).all())
     with pytest.raises(ValueError, match="mask_size"):
         SA1BDataset(find_samples(tmp_path), img_size=256, mask_size=100)
+
+
+def test_area_targets_are_each_cells_object_share(tmp_path):
+    """mask_targets="area": every low-resolution cell holds the share of its 4 x 4 input pixels
+    that are the object; thresholded at 0.5 it is the binary target, and mask_iou scores it so."""
+    write_sa1b(tmp_path, 1, seed=7)
+    refs = find_samples(tmp_path)
+    binary, area = (SA1BDataset(refs, img_size=256, max_masks=4, box_noise=0.0, seed=0, mask_targets=kind)[0]
+                    for kind in ("binary", "area"))
+    n = int(binary["valid"].sum())
+    soft, hard = area["masks"][:n], binary["masks"][:n]
+    assert ((soft > 0) & (soft < 1)).any()  # edge cells are fractions of 1/16
+    torch.testing.assert_close(soft * 16, (soft * 16).round())
+    torch.testing.assert_close(hard, (soft >= 0.5).float())
+    torch.testing.assert_close(mask_iou(hard * 20 - 10, soft), torch.ones(n))
+    with pytest.raises(ValueError, match="mask_targets"):
+        SA1BDataset(refs, img_size=256, mask_targets="soft")
+
+
+def test_box_noise_is_capped_at_20_pixels_of_a_1024_input(tmp_path):
+    """SAM's box noise: std 10 % of the side, at most 20 px of its 1024-px input; at 256 px that
+    is 5 px of the input frame whatever the image's own size (the old cap, 20 px of a 640-px
+    image, was 8 px here)."""
+    from blvit.data.sa1b import NOISE_CAP_PX, SAM_INPUT_SIZE
+
+    write_sa1b(tmp_path, 3, seed=7, height=480, width=640)
+    refs = find_samples(tmp_path)
+    cap = NOISE_CAP_PX * 256 / SAM_INPUT_SIZE
+    z, capped = [], []
+    for ref in refs:
+        exact = SA1BDataset([ref], img_size=256, max_masks=8, box_noise=0.0, seed=0)
+        noisy = SA1BDataset([ref], img_size=256, max_masks=8, box_noise=0.1, seed=0)
+        image, masks = exact.load(ref)
+        for seed in range(100):
+            clean = exact.prepare(image, masks, np.random.default_rng(seed))  # same slots, no noise
+            box = noisy.prepare(image, masks, np.random.default_rng(seed))["boxes"]
+            n = int(clean["valid"].sum())
+            sides = (clean["boxes"][:n, 2:] - clean["boxes"][:n, :2]).repeat(1, 2)
+            std = torch.minimum(0.1 * sides, torch.tensor(cap))
+            away = (clean["boxes"][:n] > 3 * std) & (clean["boxes"][:n] < torch.tensor([256, 192] * 2) - 3 * std)
+            z.append(((box[:n] - clean["boxes"][:n]) / std)[away])
+            capped.append((0.1 * sides > cap)[away])
+    z, capped = torch.cat(z), torch.cat(capped)
+    assert capped.sum() > 100 and (~capped).sum() > 100  # both regimes of the rule are tested
+    for part in (z[capped], z[~capped]):
+        assert 0.9 < float(part.std()) < 1.1, float(part.std())
+
+
+def test_focal_alpha_weighs_object_against_background_pixels():
+    from blvit.train.losses import focal_loss
+
+    logits, target = torch.zeros(1, 2, 2), torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    even = focal_loss(logits, target, alpha=0.5)
+    retina = focal_loss(logits, target, alpha=0.25)
+    # at p = 0.5 both classes lose the same; alpha 0.25 splits them 1 : 3, 0.5 evenly, same total
+    torch.testing.assert_close(retina, even)
+    object_only = focal_loss(logits, torch.ones(1, 2, 2), alpha=0.25)
+    torch.testing.assert_close(object_only, focal_loss(logits, torch.zeros(1, 2, 2), alpha=0.25) / 3)

@@ -215,3 +215,21 @@ def test_tensorboard_scalars_equal_the_metrics_log(sa1b_root, tmp_path):
         board = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in board] == [s for s, _ in logged]
         assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
+def test_ema_weights_are_validated_and_saved_as_best(sa1b_root, tmp_path):
+    """With train.ema_decay, validation scores the averaged weights and best.pth holds them; the
+    step checkpoints keep the raw weights (what resuming continues from) and the average beside."""
+    cfg = load_config(QUICK, [f"data.root={sa1b_root}", f"data.val_root={sa1b_root}", f"output_dir={tmp_path}",
+                              "train.epochs=1", "train.batch_size=2", "train.ema_decay=0.5"])
+    train(cfg)
+    step = torch.load(tmp_path / "checkpoints/step_4.pth", weights_only=False)
+    best = torch.load(tmp_path / "checkpoints/best.pth", weights_only=False)
+    ema = {k.removeprefix("module."): v for k, v in step["train_state"]["ema"].items() if k.startswith("module.")}
+    trained = [k for k, v in step["model"].items() if v.dtype.is_floating_point and not torch.equal(v, ema[k])]
+    assert trained, "the average of 4 steps at decay 0.5 differs from the last weights"
+    assert best["best"]["step"] == 4  # one validation, after the epoch's 4 steps
+    for k in step["model"]:  # best.pth: the average, not the raw weights
+        torch.testing.assert_close(best["model"][k], ema[k], rtol=0, atol=0, msg=k)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_box_miou" in r for r in records)

@@ -124,6 +124,10 @@ def _read(where: Tuple[str, int, int]) -> bytes:
     return data
 
 
+# SAM's box noise: std 10 % of the side, "to a maximum of 20 pixels" of its 1024-px input.
+NOISE_CAP_PX, SAM_INPUT_SIZE = 20.0, 1024
+
+
 class SA1BDataset(torch.utils.data.Dataset):
     """SA-1B samples prepared for SAM training.
 
@@ -131,7 +135,8 @@ class SA1BDataset(torch.utils.data.Dataset):
     ``points`` (M, 1, 2) one positive point inside each mask, both in the input frame exactly as
     ``SamPredictor`` maps an image's pixel coordinates (``ResizeLongestSide``);
     ``masks`` (M, R, R) float targets at the mask decoder's resolution R = ``mask_size`` (SAM: 4 x
-    the encoder's grid, S/4 for 16-pixel patches); ``valid`` (M,)
+    the encoder's grid, S/4 for 16-pixel patches): each cell 1 where at least half of its input
+    pixels are the object (``mask_targets="binary"``), or that share itself (``"area"``); ``valid`` (M,)
     which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``input_hw``
     (2,) the resized image's size inside the padded input; ``index``
     the sample's position in ``refs`` (for the teacher-embedding cache). Randomness comes from
@@ -139,7 +144,11 @@ class SA1BDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, refs: List[SampleRef], img_size: int = 1024, max_masks: int = 16, box_noise: float = 0.1,
-                 seed: int = 0, strict: bool = False, box_fraction: float = 0.5, mask_size: Optional[int] = None) -> None:
+                 seed: int = 0, strict: bool = False, box_fraction: float = 0.5, mask_size: Optional[int] = None,
+                 mask_targets: str = "binary") -> None:
+        if mask_targets not in ("binary", "area"):
+            raise ValueError(f"mask_targets {mask_targets!r}: choose binary or area")
+        self.mask_targets = mask_targets
         self.refs, self.img_size, self.max_masks, self.box_fraction = refs, img_size, max_masks, box_fraction
         self.mask_size = img_size // 4 if mask_size is None else mask_size
         if img_size % self.mask_size:
@@ -221,17 +230,20 @@ class SA1BDataset(torch.utils.data.Dataset):
             mask = masks[j]
             ys, xs = np.nonzero(mask)
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # = COCO's x, y, x + w, y + h
-            # box noise as in SAM's training: a fraction of the side, at most 20 px
-            noise = np.minimum(self.box_noise * np.array([x1 - x0, y1 - y0] * 2), 20) * rng.standard_normal(4)
-            box = (np.array([x0, y0, x1, y1]) + noise).clip(0, [image.shape[1], image.shape[0]] * 2)
-            k = rng.integers(len(xs))
             # prompts in the frame SamPredictor gives the prompt encoder: image pixel (x, y) indices
             # mapped by ResizeLongestSide (the prompt encoder adds the half-pixel itself)
-            boxes[slot] = self.transform.apply_boxes(box[None], original)[0]
+            box = self.transform.apply_boxes(np.array([[x0, y0, x1, y1]], np.float64), original)[0]
+            # box noise as in SAM's training, in its input frame: a standard deviation of a fraction
+            # of the side, at most 20 px of a 1024-px input (scaled with the input size)
+            side = np.array([box[2] - box[0], box[3] - box[1]] * 2)
+            noise = np.minimum(self.box_noise * side, NOISE_CAP_PX * s / SAM_INPUT_SIZE) * rng.standard_normal(4)
+            boxes[slot] = (box + noise).clip(0, [rw, rh] * 2)
+            k = rng.integers(len(xs))
             points[slot, 0] = self.transform.apply_coords(np.array([[xs[k], ys[k]]], np.float32), original)[0]
             full = np.zeros((s, s), np.float32)
             full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
-            targets[slot] = full.reshape(low, stride, low, stride).mean(axis=(1, 3)) >= 0.5
+            share = full.reshape(low, stride, low, stride).mean(axis=(1, 3))
+            targets[slot] = share if self.mask_targets == "area" else share >= 0.5
             valid[slot] = True
         return {
             "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),

@@ -38,7 +38,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "grad_clip": 1.0,
     "amp": "auto",  # auto (bf16 on CUDA), bf16, none
     "activation_checkpointing": False,
-    "ema_decay": 0.0,  # 0: no EMA
+    "ema_decay": 0.0,  # 0: no EMA; else the average of the weights is what is validated and saved as best.pth
     "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
     # ddp: DistributedDataParallel (or fairscale's with optimizer=oss); fsdp: PyTorch's fully_shard
     # per transformer block (bf16 mixed precision on GPU with amp), sharded checkpoints through
@@ -73,6 +73,9 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "max_masks": 8,
         "box_noise": 0.1,
         "box_fraction": 0.5,  # share of masks whose first prompt is their box (the rest: one point)
+        # the low-resolution training targets: binary (a cell is the object where half of it is)
+        # or area (each cell's share of object pixels: the logits learn where the edge crosses a cell)
+        "mask_targets": "binary",
         "workers": 2,
         "val_root": None,  # SA-1B-format folder: box-prompt mIoU after every epoch, picks best.pth
         "val_count": 64,  # at most this many validation images
@@ -86,6 +89,9 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "distill_layers_weight": 1.0,
         "mask_weight": 1.0,
         "focal_weight": 20.0,
+        # focal loss's weight of object pixels (background 1 - alpha): RetinaNet's 0.25, as SAM
+        # reimplementations use; 0.5 weighs both alike (0.25 erodes masks where dice is weak)
+        "focal_alpha": 0.25,
         "dice_weight": 1.0,
         "iou_weight": 1.0,
         # SAM's interactive training: after the first prompt, this many rounds each add a click

@@ -7,6 +7,7 @@ gradient accumulation and clipping, bf16 autocast, EMA, the JSON-lines / TensorB
 tqdm bar, atomic checkpoints (last N and best) and exact resume (model, optimiser, scheduler,
 EMA, RNG states and the position inside the epoch).
 """
+import contextlib
 import json
 import logging
 import math
@@ -160,6 +161,21 @@ def plot_losses(metrics_path: Path, png: Path, loss_keys: Tuple[str, ...], score
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def averaged_weights(ema: Optional[torch.optim.swa_utils.AveragedModel], target: nn.Module):
+    """Within the block ``target`` holds the EMA's weights (nothing changes without an EMA);
+    its own weights come back after, bit for bit."""
+    if ema is None:
+        yield
+        return
+    own = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    target.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        target.load_state_dict(own)
 
 
 @dataclass
@@ -502,8 +518,12 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         atomic_save(payload, ckpt_dir / name)
         atomic_write_text(ckpt_dir / "latest.txt", name)
         if is_best:  # weights and config only (what eval and the demo read); resume reads the step files
-            weights = full_weights if sharded else {k: v for k, v in payload.items() if k != "train_state"}
-            atomic_save(dict(weights, best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
+            # the EMA's weights where there is one (the model that was scored); saved inside the
+            # block because a state dict shares the parameters' storage
+            with averaged_weights(ema, ema_target):
+                weights = full_weights if sharded else task.payload() if ema is not None else payload
+                weights = {k: v for k, v in weights.items() if k != "train_state"}
+                atomic_save(dict(weights, best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
         steps = sorted(ckpt_dir.glob("step_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for old in steps[: max(0, len(steps) - t["keep_last"])]:
             old.unlink()
@@ -534,7 +554,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     def validate_and_save(train_loss: float) -> None:
         score = -train_loss
         if task.validate is not None:
-            result = validate()
+            with averaged_weights(ema, ema_target):  # with train.ema_decay the average is what is scored
+                result = validate()
             log.write({"step": state["step"], "epoch": state["epoch"], **result})
             score = result[task.score_key]
         save(f"step_{state['step']}", score)

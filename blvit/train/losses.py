@@ -38,21 +38,24 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) -> (...): IoU of the thresholded prediction."""
+    """(..., H, W) -> (...): IoU of the thresholded prediction against the target thresholded at
+    0.5 (soft area targets count where the object covers at least half of a cell)."""
     pred = (logits > 0).flatten(-2).float()
-    t = target.flatten(-2)
+    t = (target >= 0.5).flatten(-2).float()
     inter = (pred * t).sum(-1)
     return inter / (pred.sum(-1) + t.sum(-1) - inter).clamp(min=1)
 
 
 def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
                   focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
-                  reduce: bool = True) -> Dict[str, torch.Tensor]:
+                  focal_alpha: float = 0.25, reduce: bool = True) -> Dict[str, torch.Tensor]:
     """SAM's loss on multimask output: the best of the K masks by focal:dice, plus MSE of the
     predicted IoU for that mask.
 
     Args:
         logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
+        focal_alpha: the focal loss's weight of object pixels (background: 1 - alpha); RetinaNet's
+            0.25 weighs background 3x, which pulls uncertain edge pixels out of the mask.
         reduce: False keeps one value per mask (M,) for "mask", "iou" and "mask_iou".
     Returns:
         {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad),
@@ -60,7 +63,7 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     """
     logits = logits.float()
     target = target[:, None].expand_as(logits)
-    per_mask = focal_weight * focal_loss(logits, target) + dice_weight * dice_loss(logits, target)  # (M, K)
+    per_mask = focal_weight * focal_loss(logits, target, alpha=focal_alpha) + dice_weight * dice_loss(logits, target)  # (M, K)
     best = per_mask.argmin(dim=1, keepdim=True)
     mask_term = per_mask.gather(1, best).squeeze(1)
     with torch.no_grad():
