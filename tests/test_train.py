@@ -33,7 +33,7 @@ def test_dotted_model_override_keeps_the_recipes_other_overrides():
     # full-size ViT-B instead of the recipe's small encoder
     cfg = load_config("configs/sam/quickstart_teacher.yaml", ["model.overrides.embed_dim=96"])
     assert cfg["model"]["overrides"]["embed_dim"] == 96
-    assert cfg["model"]["overrides"]["depth"] == 4 and cfg["model"]["overrides"]["out_chans"] == 128
+    assert cfg["model"]["overrides"]["depth"] == 4 and cfg["model"]["overrides"]["out_chans"] == 64
     # a whole mapping as the value still replaces it (model.kwargs={...} in the ImageNet tests)
     whole = load_config("configs/sam/quickstart_teacher.yaml", ["model.overrides={embed_dim: 96}"])
     assert whole["model"]["overrides"] == {"embed_dim": 96}
