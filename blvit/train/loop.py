@@ -521,8 +521,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
             # the EMA's weights where there is one (the model that was scored); saved inside the
             # block because a state dict shares the parameters' storage
             with averaged_weights(ema, ema_target):
-                weights = full_weights if sharded else task.payload() if ema is not None else payload
-                weights = {k: v for k, v in weights.items() if k != "train_state"}
+                weights = full_weights if sharded else task.payload()
                 atomic_save(dict(weights, best={"step": state["step"], "score": score}), ckpt_dir / "best.pth")
         steps = sorted(ckpt_dir.glob("step_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for old in steps[: max(0, len(steps) - t["keep_last"])]:

@@ -55,7 +55,7 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     Args:
         logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
         focal_alpha: the focal loss's weight of object pixels (background: 1 - alpha); RetinaNet's
-            0.25 weighs background 3x, which pulls uncertain edge pixels out of the mask.
+            0.25 weighs background pixels 3x.
         reduce: False keeps one value per mask (M,) for "mask", "iou" and "mask_iou".
     Returns:
         {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad),
