@@ -79,7 +79,7 @@ class SamTrainingModule(nn.Module):
         rounds, each fed the previous round's mask logits and each supervised. The masks of all
         images that start from the same kind of prompt are decoded together."""
         sam, cfg = self.sam, self.loss_cfg
-        weights = {k: cfg[k] for k in ("focal_weight", "focal_alpha", "dice_weight", "iou_weight")}
+        weights = {k: cfg[k] for k in ("focal_weight", "focal_alpha", "dice_weight", "iou_weight", "supervise_all_iou")}
         valid = batch["valid"]
         # Mean over each image's masks, then over images: the same objective whatever the
         # split of a global batch across processes.

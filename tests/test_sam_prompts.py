@@ -259,3 +259,23 @@ def test_focal_alpha_weighs_object_against_background_pixels():
     torch.testing.assert_close(retina, even)
     object_only = focal_loss(logits, torch.ones(1, 2, 2), alpha=0.25)
     torch.testing.assert_close(object_only, focal_loss(logits, torch.zeros(1, 2, 2), alpha=0.25) / 3)
+
+
+def test_supervise_all_iou_trains_every_masks_predicted_iou():
+    """SAM: the IoU head learns only the supervised (lowest-loss) mask's IoU; SAM 2's released
+    config (supervise_all_iou) all three, which is what picks the mask of a single click."""
+    from blvit.train.losses import sam_mask_loss
+
+    target = torch.zeros(1, 4, 4)
+    target[0, :2] = 1  # the top half
+    logits = torch.full((1, 3, 4, 4), -10.0)
+    logits[0, 0, :2] = 10  # exact: IoU 1, the lowest loss
+    logits[0, 1, :1] = 10  # a quarter: IoU 0.5
+    logits[0, 2] = 10  # everything: IoU 0.5
+    iou_pred = torch.tensor([[0.75, 0.0, 0.0]])
+    best_only = sam_mask_loss(logits, iou_pred, target, supervise_all_iou=False, reduce=False)
+    every = sam_mask_loss(logits, iou_pred, target, supervise_all_iou=True, reduce=False)
+    assert int(best_only["best"]) == 0
+    torch.testing.assert_close(best_only["iou"], torch.tensor([0.25 ** 2]))
+    torch.testing.assert_close(every["iou"], torch.tensor([(0.25 ** 2 + 0.5 ** 2 + 0.5 ** 2) / 3]))
+    torch.testing.assert_close(every["mask"], best_only["mask"])  # the mask term is the same

@@ -95,6 +95,9 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "focal_alpha": 0.25,
         "dice_weight": 1.0,
         "iou_weight": 1.0,
+        # the IoU head's loss on all three masks of a click (SAM 2's released training config)
+        # instead of the supervised one only (SAM; the predicted IoU picks a single click's mask)
+        "supervise_all_iou": False,
         # SAM's interactive training: after the first prompt, this many rounds each add a click
         # sampled from the error region, then mask-only rounds; all take the previous mask logits
         "click_rounds": 8,

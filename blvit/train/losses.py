@@ -48,7 +48,8 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
                   focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
-                  focal_alpha: float = 0.25, reduce: bool = True) -> Dict[str, torch.Tensor]:
+                  focal_alpha: float = 0.25, supervise_all_iou: bool = False,
+                  reduce: bool = True) -> Dict[str, torch.Tensor]:
     """SAM's loss on multimask output: the best of the K masks by focal:dice, plus MSE of the
     predicted IoU for that mask.
 
@@ -56,6 +57,9 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
         logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
         focal_alpha: the focal loss's weight of object pixels (background: 1 - alpha); RetinaNet's
             0.25 weighs background pixels 3x.
+        supervise_all_iou: the IoU term on every one of the K masks (SAM 2's released training
+            config) instead of only the supervised one (SAM; SAM 2's default): the predicted IoU
+            is what picks the mask of a single click at inference.
         reduce: False keeps one value per mask (M,) for "mask", "iou" and "mask_iou".
     Returns:
         {"mask": mean focal/dice term, "iou": IoU-prediction term, "mask_iou": mean IoU (no grad),
@@ -67,8 +71,12 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     best = per_mask.argmin(dim=1, keepdim=True)
     mask_term = per_mask.gather(1, best).squeeze(1)
     with torch.no_grad():
-        actual_iou = mask_iou(logits, target).gather(1, best).squeeze(1)
-    iou_term = iou_weight * F.mse_loss(iou_pred.float().gather(1, best).squeeze(1), actual_iou, reduction="none")
+        all_iou = mask_iou(logits, target)  # (M, K)
+        actual_iou = all_iou.gather(1, best).squeeze(1)
+    if supervise_all_iou:
+        iou_term = iou_weight * F.mse_loss(iou_pred.float(), all_iou, reduction="none").mean(1)
+    else:
+        iou_term = iou_weight * F.mse_loss(iou_pred.float().gather(1, best).squeeze(1), actual_iou, reduction="none")
     out = {"mask": mask_term, "iou": iou_term, "mask_iou": actual_iou}
     if reduce:
         out = {k: v.mean() for k, v in out.items()}
