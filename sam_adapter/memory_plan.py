@@ -73,6 +73,7 @@ def activation_bytes(student: nn.Module, cfg: Dict[str, Any], amp: bool) -> Dict
     """Bytes autograd keeps for one training image (encoder + the decoder rounds of its masks),
     and per encoder block (for the activation-checkpointing estimate)."""
     from blvit.train import sam_prompts
+    from blvit.train.losses import MASK_LOSS_OPTIONS
 
     encoder = student.image_encoder
     s = encoder.img_size
@@ -101,7 +102,7 @@ def activation_bytes(student: nn.Module, cfg: Dict[str, Any], amp: bool) -> Dict
             if loss["mask_weight"] > 0:
                 targets = torch.empty(masks, 4 * grid, 4 * grid, device="meta")
                 boxes = torch.empty(masks, 4, device="meta")
-                weights = {k: loss[k] for k in ("focal_weight", "focal_alpha", "dice_weight", "iou_weight", "supervise_all_iou")}
+                weights = {k: loss[k] for k in MASK_LOSS_OPTIONS}
                 sam_prompts.interactive_losses(student, embeddings, student.prompt_encoder.get_dense_pe(), targets,
                                                torch.tensor([s, s], device="meta"), boxes, None,
                                                int(loss["click_rounds"]), int(loss["refine_rounds"]), weights)

@@ -19,7 +19,7 @@ from blvit.data.sa1b import SA1BDataset, collate_skipping, find_samples, select_
 from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
-from blvit.train.losses import distillation_loss, mask_iou
+from blvit.train.losses import MASK_LOSS_OPTIONS, distillation_loss, mask_iou
 from blvit.train.sam_prompts import interactive_losses
 from blvit.train.loop import Task, dist_info, run, seed_everything, uses_bf16
 from blvit.train.teacher_cache import TeacherEmbeddingCache, build_cache
@@ -79,7 +79,7 @@ class SamTrainingModule(nn.Module):
         rounds, each fed the previous round's mask logits and each supervised. The masks of all
         images that start from the same kind of prompt are decoded together."""
         sam, cfg = self.sam, self.loss_cfg
-        weights = {k: cfg[k] for k in ("focal_weight", "focal_alpha", "dice_weight", "iou_weight", "supervise_all_iou")}
+        weights = {k: cfg[k] for k in MASK_LOSS_OPTIONS}
         valid = batch["valid"]
         # Mean over each image's masks, then over images: the same objective whatever the
         # split of a global batch across processes.

@@ -46,6 +46,10 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return inter / (pred.sum(-1) + t.sum(-1) - inter).clamp(min=1)
 
 
+# The keyword options of sam_mask_loss that come from a config's ``loss`` section.
+MASK_LOSS_OPTIONS = ("focal_weight", "focal_alpha", "dice_weight", "iou_weight", "supervise_all_iou")
+
+
 def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
                   focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
                   focal_alpha: float = 0.25, supervise_all_iou: bool = False,

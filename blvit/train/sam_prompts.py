@@ -111,8 +111,7 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
             three multimask outputs (unless ``multimask_points`` is False); a box, and every
             later round, the single-mask output.
         click_rounds / refine_rounds: corrective-click rounds and mask-only rounds after the first.
-        weights: focal_weight, focal_alpha, dice_weight, iou_weight, supervise_all_iou of
-            :func:`sam_mask_loss`.
+        weights: the options of :func:`sam_mask_loss` named in ``MASK_LOSS_OPTIONS``.
     Returns:
         "mask", "iou", "mask_iou": (M,) each averaged over the rounds; "mask_iou_rounds": (R, M)
         the IoU of every round (no gradient), to watch extra clicks pay off.
