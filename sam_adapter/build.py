@@ -21,7 +21,7 @@ PIXEL_MEAN = [123.675, 116.28, 103.53]
 PIXEL_STD = [58.395, 57.12, 57.375]
 
 
-def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256) -> Sam:
+def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256, prompt_pe_scale: float = 1.0) -> Sam:
     """A ``Sam`` with segment-anything's own prompt encoder and mask decoder around any
     encoder that maps (B, 3, S, S) to (B, D, S/p, S/p) and has an ``img_size`` (and, if it is
     not 16, a ``patch_size`` p). D = ``prompt_embed_dim``.
@@ -30,11 +30,17 @@ def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256
     IoU head 256 wide). A narrower D scales it down in proportion (MLP 8 D, heads of 32 like
     SAM's, IoU head D wide): the same modules and the same API, for small models such as the
     quick start's, whose decoder would otherwise cost far more than their encoder.
+
+    ``prompt_pe_scale`` scales the std of the prompt encoder's random Fourier frequencies (SAM:
+    1). It only shapes a model trained from scratch: the frequencies are a buffer of the state
+    dict, so a loaded checkpoint brings its own.
     """
+    if prompt_pe_scale <= 0:
+        raise ValueError(f"prompt_pe_scale must be positive, got {prompt_pe_scale}")
     grid = image_encoder.img_size // getattr(image_encoder, "patch_size", 16)
     if prompt_embed_dim % 32:
         raise ValueError(f"prompt_embed_dim (the encoder's out_chans) must be a multiple of 32, got {prompt_embed_dim}")
-    return Sam(
+    sam = Sam(
         image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=prompt_embed_dim,
@@ -53,6 +59,9 @@ def sam_from_encoder(image_encoder: torch.nn.Module, prompt_embed_dim: int = 256
         pixel_mean=PIXEL_MEAN,
         pixel_std=PIXEL_STD,
     )
+    # PositionEmbeddingRandom draws scale * N(0, 1); the stock PromptEncoder fixes scale at 1
+    sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(prompt_pe_scale)
+    return sam
 
 
 def stock_encoder(family: str, img_size: int = 1024) -> ImageEncoderViT:
@@ -65,11 +74,12 @@ def stock_encoder(family: str, img_size: int = 1024) -> ImageEncoderViT:
                            rel_pos_zero_init=True, window_size=14, global_attn_indexes=cfg.global_attn_indexes)
 
 
-def build_sam_from_config(config: BigLittleSamConfig) -> Sam:
+def build_sam_from_config(config: BigLittleSamConfig, prompt_pe_scale: float = 1.0) -> Sam:
     """A Sam whose encoder is the one ``config`` describes: bLViT or dense (``BigLittleImageEncoder``),
-    or a token-reduction baseline (``TokenReductionImageEncoder``, ``config.reduction`` set)."""
+    or a token-reduction baseline (``TokenReductionImageEncoder``, ``config.reduction`` set);
+    ``prompt_pe_scale``: see :func:`sam_from_encoder`."""
     encoder = TokenReductionImageEncoder(config) if config.reduction else BigLittleImageEncoder(config)
-    return sam_from_encoder(encoder, config.out_chans)
+    return sam_from_encoder(encoder, config.out_chans, prompt_pe_scale)
 
 
 def build_sam_blvit(
@@ -78,6 +88,7 @@ def build_sam_blvit(
     sam_checkpoint: Optional[PathLike] = None,
     keep_ratio: Optional[float] = None,
     e_checkpoint: Optional[PathLike] = None,
+    prompt_pe_scale: float = 1.0,
     **overrides: Any,
 ) -> Sam:
     """Build a SAM whose image encoder is a bLViT encoder.
@@ -92,6 +103,8 @@ def build_sam_blvit(
         keep_ratio: fraction of tokens per window the P-blocks process (EViT / Evo-ViT: kept
             per stage / slow tokens); None: the variant's default (0.25 for b+t and h+b).
         e_checkpoint: a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks.
+        prompt_pe_scale: std of the prompt encoder's random Fourier frequencies when it starts
+            from scratch (SAM: 1); a checkpoint's own frequencies replace them.
         **overrides: any ``BigLittleSamConfig`` field (unknown names are an error).
     Returns:
         a ``segment_anything.modeling.Sam`` in eval mode, on the CPU.
@@ -99,7 +112,7 @@ def build_sam_blvit(
     if keep_ratio is not None:
         overrides["keep_ratio"] = keep_ratio
     config = make_config(variant, **overrides)
-    sam = build_sam_from_config(config)
+    sam = build_sam_from_config(config, prompt_pe_scale)
     if sam_checkpoint is not None:
         kept = load_sam_checkpoint(sam, sam_checkpoint, DENSE_SOURCE.get(variant))
         logger.info("loaded %s; %d new encoder tensors keep their initialisation", sam_checkpoint, len(kept))

@@ -157,7 +157,8 @@ def build_models(cfg: Dict[str, Any]):
     m = cfg["model"]
     keep_ratio, overrides = student_options(cfg)
     student = build_sam_blvit(m["variant"], checkpoint=m["checkpoint"], sam_checkpoint=m["sam_checkpoint"],
-                              keep_ratio=keep_ratio, e_checkpoint=m["e_checkpoint"], **overrides)
+                              keep_ratio=keep_ratio, e_checkpoint=m["e_checkpoint"],
+                              prompt_pe_scale=float(m["prompt_pe_scale"]), **overrides)
     teacher = None
     if cfg["task"] == "sam_distill":
         dense_cfg = dense_teacher_config(student.image_encoder.config)

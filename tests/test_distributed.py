@@ -215,3 +215,21 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
            f"output_dir={tmp_path / 'fsdp'}", "--resume"]
     refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "train.strategy=fsdp" in refused.stderr, refused.stderr[-2000:]
+
+
+@pytest.mark.heavy(seconds=25)
+def test_quickstart_launcher_trains_over_two_processes_as_in_one(tmp_path):
+    """blvit-quickstart trains through torchrun (one CPU share per process); the recipes fix
+    train.global_batch, so two processes give the one-process losses, and the summary comes back
+    from the run's summary.json."""
+    from blvit_apps.quickstart import _train
+
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    common = [f"data.root={data}", f"train.max_steps={STEPS}", "data.workers=0", "data.val_root=null"]
+    one = _train(Path(QUICK), common + [f"output_dir={tmp_path / 'one'}"], processes=1)
+    two = _train(Path(QUICK), common + [f"output_dir={tmp_path / 'two'}"], processes=2)
+    assert one["steps"] == two["steps"] == STEPS and Path(two["best_checkpoint"]).exists()
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert a[-1] < a[0]
+    assert b == pytest.approx(a, rel=1e-4)

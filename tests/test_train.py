@@ -233,3 +233,43 @@ def test_ema_weights_are_validated_and_saved_as_best(sa1b_root, tmp_path):
         torch.testing.assert_close(best["model"][k], ema[k], rtol=0, atol=0, msg=k)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("val_box_miou" in r for r in records)
+
+
+def test_adamw_betas_reach_the_optimizer_and_bad_ones_are_refused(sa1b_root, tmp_path):
+    cfg = load_config(QUICK, [f"data.root={sa1b_root}", "data.val_root=null", f"output_dir={tmp_path}",
+                              "train.max_steps=1", "train.batch_size=2", "train.betas=[0.8, 0.95]"])
+    summary = train(cfg)
+    state = torch.load(tmp_path / "checkpoints/step_1.pth", weights_only=False)["train_state"]["optimizer"]
+    assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.8, 0.95)}
+    # the summary the loop returns is also on disk (what the quick start reads after torchrun)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    for bad in ("[0.9]", "[0.9, 1.0]"):
+        cfg["train"]["betas"] = load_config(QUICK, [f"train.betas={bad}"])["train"]["betas"]
+        with pytest.raises(ValueError, match="train.betas"):
+            train(dict(cfg, output_dir=str(tmp_path / "bad")))
+
+
+def test_prompt_pe_scale_scales_the_fourier_frequencies_and_survives_the_checkpoint(sa1b_root, tmp_path):
+    """model.prompt_pe_scale multiplies the random frequencies of a from-scratch prompt encoder
+    (SAM draws them with std 1); they are a buffer, so evaluation reads the trained model's own."""
+    from sam_adapter.build import build_sam_from_checkpoint
+    from sam_adapter.trainer import build_models
+
+    common = [f"data.root={sa1b_root}", "data.val_root=null", "train.max_steps=1", "train.batch_size=2"]
+    frequencies = {}
+    for scale in (1.0, 0.5):
+        cfg = load_config(QUICK, common + [f"output_dir={tmp_path / str(scale)}", f"model.prompt_pe_scale={scale}"])
+        torch.manual_seed(0)
+        sam, _ = build_models(cfg)
+        frequencies[scale] = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.clone()
+    torch.testing.assert_close(frequencies[0.5], 0.5 * frequencies[1.0], rtol=0, atol=0)
+    summary = train(cfg)
+    trained = build_sam_from_checkpoint(summary["best_checkpoint"])
+    saved = trained.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    # the seed the trainer sets gives the scaled draw, and the checkpoint carries it
+    torch.manual_seed(cfg["seed"])
+    expected = 0.5 * build_models(dict(cfg, model=dict(cfg["model"], prompt_pe_scale=1.0)))[0] \
+        .prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prompt_pe_scale"):
+        build_models(dict(cfg, model=dict(cfg["model"], prompt_pe_scale=0)))

@@ -33,6 +33,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "global_batch": None,  # if set: accumulate = global_batch / (batch_size * processes), must divide
     "lr": 1e-4,
     "weight_decay": 0.05,
+    "betas": [0.9, 0.999],  # AdamW's (beta1, beta2)
     "warmup_steps": 0,
     "min_lr_ratio": 0.01,
     "grad_clip": 1.0,
@@ -60,6 +61,9 @@ SAM_DEFAULTS: Dict[str, Any] = {
         "sam_checkpoint": None,  # official SAM .pth (or a dense checkpoint of this toolkit) for the P-blocks
         "checkpoint": None,  # a bLViT-SAM checkpoint of this toolkit
         "e_checkpoint": None,  # a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks
+        # std of the prompt encoder's random Fourier frequencies for a prompt encoder trained from
+        # scratch (SAM: 1); checkpoints bring their own
+        "prompt_pe_scale": 1.0,
     },
     "teacher": {
         "checkpoint": None,  # None: a randomly initialised teacher of the student's dense layout (logged)

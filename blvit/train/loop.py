@@ -243,6 +243,9 @@ def shard_fully(module: nn.Module, device: torch.device, amp: bool) -> nn.Module
 
 def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
     strategy = t["strategy"]
+    betas = tuple(float(b) for b in t["betas"])
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t['betas']}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown train.strategy {strategy!r}; choose one of {STRATEGIES} (fairscale's sharded "
                          "optimizer is train.optimizer=oss with ddp)")
@@ -256,7 +259,8 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         else:
             shard_fully(task.module, device, uses_bf16(t, device))
             params = [p for p in task.module.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+            optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"],
+                                          betas=betas)
             return task.module, optimizer, "fsdp", params
     params = [p for p in task.module.parameters() if p.requires_grad]
     name = t["optimizer"]
@@ -267,10 +271,12 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         from fairscale.nn.data_parallel import ShardedDataParallel
         from fairscale.optim.oss import OSS
 
-        optimizer = OSS(params, optim=torch.optim.AdamW, lr=t["lr"], weight_decay=t["weight_decay"])
+        optimizer = OSS(params, optim=torch.optim.AdamW, lr=t["lr"], weight_decay=t["weight_decay"],
+                                          betas=betas)
         model = ShardedDataParallel(task.module, optimizer)
     elif name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"],
+                                          betas=betas)
         model = task.module
         if world > 1:
             model = nn.parallel.DistributedDataParallel(
@@ -662,4 +668,6 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     if task.score_key:
         summary["validation"] = last_record(log.path, task.score_key)
     summary.update(task.extra_summary)
+    if rank == 0:  # what a launcher (blvit-quickstart under torchrun) reads back
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
