@@ -29,11 +29,11 @@ TEACHER = ROOT / "configs/sam/quickstart_teacher.yaml"
 # about 0.5 on them, a rectangle would make it exact) in plain colours, up to 3 per image, at
 # 160 x 120 px. The quick start's own data and table show the full-size comparison.
 DATA = dict(height=120, width=160, kinds=(3,), flat=True, max_objects=3)
-# The quick-start teacher recipe (SAM's prompts, one click round), at 128 px, for 700 steps on one
-# thread (about 55 s on this project's 2-core machine).
+# The quick-start teacher recipe (SAM's prompts, one click round), at 128 px, for 700 steps of 4
+# images on one thread (about 55 s on this project's 2-core machine).
 OVERRIDES = ["model.overrides={img_size: 128, embed_dim: 64, depth: 4, num_heads: 4, global_attn_indexes: [1, 3], "
              "window_size: 4, out_chans: 64}", "train.max_steps=700", "train.epochs=100", "train.lr=1e-3",
-             "data.val_root=null"]
+             "train.batch_size=4", "data.val_root=null"]
 
 
 @pytest.fixture(scope="module")
