@@ -246,6 +246,7 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
     betas = tuple(float(b) for b in t["betas"])
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t['betas']}")
+    adamw = dict(lr=t["lr"], weight_decay=t["weight_decay"], betas=betas)  # every path below builds AdamW
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown train.strategy {strategy!r}; choose one of {STRATEGIES} (fairscale's sharded "
                          "optimizer is train.optimizer=oss with ddp)")
@@ -259,8 +260,7 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         else:
             shard_fully(task.module, device, uses_bf16(t, device))
             params = [p for p in task.module.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"],
-                                          betas=betas)
+            optimizer = torch.optim.AdamW(params, **adamw)
             return task.module, optimizer, "fsdp", params
     params = [p for p in task.module.parameters() if p.requires_grad]
     name = t["optimizer"]
@@ -271,12 +271,10 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         from fairscale.nn.data_parallel import ShardedDataParallel
         from fairscale.optim.oss import OSS
 
-        optimizer = OSS(params, optim=torch.optim.AdamW, lr=t["lr"], weight_decay=t["weight_decay"],
-                                          betas=betas)
+        optimizer = OSS(params, optim=torch.optim.AdamW, **adamw)
         model = ShardedDataParallel(task.module, optimizer)
     elif name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"],
-                                          betas=betas)
+        optimizer = torch.optim.AdamW(params, **adamw)
         model = task.module
         if world > 1:
             model = nn.parallel.DistributedDataParallel(
