@@ -219,9 +219,9 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
 
 @pytest.mark.heavy(seconds=25)
 def test_quickstart_launcher_trains_over_two_processes_as_in_one(tmp_path):
-    """blvit-quickstart trains through torchrun (one CPU share per process); the recipes fix
-    train.global_batch, so two processes give the one-process losses, and the summary comes back
-    from the run's summary.json."""
+    """blvit-quickstart trains through torchrun (one CPU share per process); it splits the
+    recipe's batch over the processes, so two give the one-process losses, and the summary comes
+    back from the run's summary.json."""
     from blvit_apps.quickstart import _train
 
     data = tmp_path / "data"
