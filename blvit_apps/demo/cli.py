@@ -159,9 +159,14 @@ def _dropped_by_thresholds(sam, image: np.ndarray, points: int, args: argparse.N
     below_iou = sum(r["predicted_iou"] < args.pred_iou_thresh for r in found)
     below_stability = sum(r["stability_score"] < args.stability_thresh for r in found)
     best = max((r["predicted_iou"] for r in found), default=float("nan"))
-    return (f"  without the thresholds {len(found)} candidate masks: {below_iou} have predicted IoU below "
-            f"--pred-iou-thresh {args.pred_iou_thresh} (highest {best:.3f}), {below_stability} stability below "
-            f"--stability-thresh {args.stability_thresh}; lower them to keep some")
+    why = (f"  without the thresholds {len(found)} candidate masks: {below_iou} have predicted IoU below "
+           f"--pred-iou-thresh {args.pred_iou_thresh} (highest {best:.3f}), {below_stability} stability below "
+           f"--stability-thresh {args.stability_thresh}; lower them to keep some")
+    if args.checkpoint is None and args.model is None:  # the quick-start student (docs/method.md, "What more minutes")
+        why += ("\n  the 5-minute quick-start models rarely pass SAM's thresholds; `blvit-quickstart --teacher-epochs 60 "
+                "--student-epochs 12` (about 25 minutes on 2 CPU cores) trains models that find the default image's "
+                "objects with them")
+    return why
 
 
 def _prompted(sam, image: np.ndarray, coords, labels, box, args: argparse.Namespace) -> Dict[str, Any]:
