@@ -104,14 +104,16 @@ def _run(root, out, *extra):
     return cfg
 
 
-def test_resume_gives_the_same_weights(sa1b_root, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_gives_the_same_weights(sa1b_root, tmp_path, optimizer):
     """Roll a finished run back to its step-3 checkpoint (what a process killed after step 3
     leaves behind), resume, and compare with the uninterrupted run's final weights."""
     from conftest import interrupted_copy
 
-    full = train(_run(sa1b_root, tmp_path / "full", "train.keep_last=10"))
+    chosen = [f"train.optimizer={optimizer}", "train.muon_lr=0.01"]
+    full = train(_run(sa1b_root, tmp_path / "full", "train.keep_last=10", *chosen))
     ckpts = interrupted_copy(tmp_path / "full", tmp_path / "part", step=3)
-    result = train(_run(sa1b_root, tmp_path / "part", "train.keep_last=2"), resume=True)
+    result = train(_run(sa1b_root, tmp_path / "part", "train.keep_last=2", *chosen), resume=True)
     assert result["steps"] == full["steps"] == 8
     a = torch.load(tmp_path / "full/checkpoints/step_8.pth", weights_only=True)["model"]
     b = torch.load(ckpts / "step_8.pth", weights_only=True)["model"]
@@ -237,7 +239,8 @@ def test_ema_weights_are_validated_and_saved_as_best(sa1b_root, tmp_path):
 
 def test_adamw_betas_reach_the_optimizer_and_bad_ones_are_refused(sa1b_root, tmp_path):
     cfg = load_config(QUICK, [f"data.root={sa1b_root}", "data.val_root=null", f"output_dir={tmp_path}",
-                              "train.max_steps=1", "train.batch_size=2", "train.betas=[0.8, 0.95]"])
+                              "train.max_steps=1", "train.batch_size=2", "train.betas=[0.8, 0.95]",
+                              "train.optimizer=adamw"])
     summary = train(cfg)
     state = torch.load(tmp_path / "checkpoints/step_1.pth", weights_only=False)["train_state"]["optimizer"]
     assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.8, 0.95)}

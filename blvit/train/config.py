@@ -40,7 +40,10 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "amp": "auto",  # auto (bf16 on CUDA), bf16, none
     "activation_checkpointing": False,
     "ema_decay": 0.0,  # 0: no EMA; else the average of the weights is what is validated and saved as best.pth
-    "optimizer": "adamw",  # adamw | oss (fairscale sharded optimizer + ShardedDataParallel)
+    # adamw | muon (Muon on the nn.Linear matrices, AdamW on the rest; blvit.train.optim; not with fsdp)
+    # | oss (fairscale sharded optimizer + ShardedDataParallel)
+    "optimizer": "adamw",
+    "muon_lr": None,  # train.optimizer=muon: the matrices' lr on AdamW's scale (match_rms_adamw); None: train.lr
     # ddp: DistributedDataParallel (or fairscale's with optimizer=oss); fsdp: PyTorch's fully_shard
     # per transformer block (bf16 mixed precision on GPU with amp), sharded checkpoints through
     # torch.distributed.checkpoint (blvit-consolidate turns one into the single .pth eval reads)

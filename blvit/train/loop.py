@@ -2,7 +2,8 @@
 
 A task supplies a :class:`Task`: the trainable module, the dataset, a ``losses(batch)`` function
 and optionally a validation. This module owns everything else, once: process groups (torchrun,
-DDP with NCCL or gloo, or fairscale's OSS + ShardedDataParallel), AdamW with warm-up + cosine,
+DDP with NCCL or gloo, or fairscale's OSS + ShardedDataParallel), AdamW (or Muon on the weight
+matrices, ``blvit.train.optim``) with warm-up + cosine,
 gradient accumulation and clipping, bf16 autocast, EMA, the JSON-lines / TensorBoard log, the
 tqdm bar, atomic checkpoints (last N and best) and exact resume (model, optimiser, scheduler,
 EMA, RNG states and the position inside the epoch).
@@ -25,6 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from blvit.train.optim import MuonWithAdamW, muon_parameters
 from blvit.utils.io import CheckpointError, atomic_save, atomic_write_text, read_checkpoint
 
 logger = logging.getLogger("blvit.train")
@@ -273,14 +275,19 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
 
         optimizer = OSS(params, optim=torch.optim.AdamW, **adamw)
         model = ShardedDataParallel(task.module, optimizer)
-    elif name == "adamw":
-        optimizer = torch.optim.AdamW(params, **adamw)
+    elif name in ("adamw", "muon"):
+        if name == "muon":
+            matrices, rest = muon_parameters(task.module)
+            optimizer = MuonWithAdamW(matrices, rest, muon_lr=t["lr"] if t["muon_lr"] is None else t["muon_lr"],
+                                      **adamw)
+        else:
+            optimizer = torch.optim.AdamW(params, **adamw)
         model = task.module
         if world > 1:
             model = nn.parallel.DistributedDataParallel(
                 task.module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; choose adamw or oss")
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw, muon or oss")
     return model, optimizer, name, params
 
 
