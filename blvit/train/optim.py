@@ -52,6 +52,14 @@ def orthogonalize(updates: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-
     return x.to(updates.dtype)
 
 
+def _closure_loss(closure) -> Optional[torch.Tensor]:
+    """The loss of an optimizer's optional closure (re-evaluated with gradients), as PyTorch's optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """``torch.optim.Muon(..., nesterov=True, adjust_lr_fn="match_rms_adamw")`` with the Newton-Schulz
     iterations batched per matrix shape. ``ns_dtype`` None: bfloat16 on CUDA (as PyTorch's), float32
@@ -70,10 +78,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -139,10 +144,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for opt in self._inner():
             opt.step()
         return loss
