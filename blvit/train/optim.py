@@ -106,13 +106,8 @@ def muon_parameters(module: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Para
     weight of every ``nn.Linear`` whose both sides are wider than 1 is a Muon matrix."""
     matrices = {id(m.weight) for m in module.modules()
                 if isinstance(m, nn.Linear) and min(m.weight.shape) > 1}
-    muon, adamw, seen = [], [], set()
-    for param in module.parameters():
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        (muon if id(param) in matrices else adamw).append(param)
-    return muon, adamw
+    trainable = [p for p in module.parameters() if p.requires_grad]  # parameters() yields shared ones once
+    return [p for p in trainable if id(p) in matrices], [p for p in trainable if id(p) not in matrices]
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
