@@ -19,7 +19,7 @@ from blvit.data.sa1b import SA1BDataset, collate_skipping, find_samples, select_
 from sam_adapter.build import build_sam_blvit, build_sam_from_config
 from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sam_checkpoint
 
-from blvit.train.losses import MASK_LOSS_OPTIONS, distillation_loss, mask_iou
+from blvit.train.losses import MASK_LOSS_OPTIONS, distillation_loss, mask_iou, upsample_logits
 from blvit.train.sam_prompts import interactive_losses
 from blvit.train.loop import Task, dist_info, run, seed_everything, uses_bf16
 from blvit.train.teacher_cache import TeacherEmbeddingCache, build_cache
@@ -39,8 +39,8 @@ def evaluate_box_miou(sam: nn.Module, dataset: SA1BDataset, device: torch.device
                       rank: int = 0, world: int = 1, batch_size: int = 4) -> Dict[str, float]:
     """Mean IoU of box-prompted masks (ground-truth boxes, no noise) on a validation set.
 
-    Computed at the decoder's output resolution (S/4) against the dataset's targets; the
-    evaluation CLI measures full-resolution mIoU. Ranks take strides of the set and the sums are
+    Computed at the dataset's target resolution (``data.mask_size``; the logits are upsampled to
+    it where it is finer than the decoder's); the evaluation CLI measures full-resolution mIoU. Ranks take strides of the set and the sums are
     all-reduced, so every rank returns the same figure.
     """
     was_training = sam.training
@@ -58,7 +58,9 @@ def evaluate_box_miou(sam: nn.Module, dataset: SA1BDataset, device: torch.device
             for i in range(embeddings.shape[0]):
                 pick = batch["valid"][i]
                 logits, _ = predict_box_masks(sam, embeddings[i : i + 1], image_pe, batch["boxes"][i][pick])
-                total += torch.tensor([float(mask_iou(logits[:, 0].float(), batch["masks"][i][pick]).sum()),
+                target = batch["masks"][i][pick]
+                logits = upsample_logits(logits[:, 0].float(), target.shape[-1])
+                total += torch.tensor([float(mask_iou(logits, target).sum()),
                                        float(pick.sum())], dtype=torch.float64)
     if world > 1:
         torch_dist.all_reduce(total)
@@ -182,6 +184,21 @@ def _teacher_meta(cfg: Dict[str, Any], img_size: int) -> Dict[str, Any]:
             "img_size": img_size, "model": cfg["model"]["overrides"] if not checkpoint else None}
 
 
+def target_size(option: Any, img_size: int, decoder_size: int) -> int:
+    """The resolution of the mask targets from ``data.mask_size``: None -> the mask decoder's output
+    (``decoder_size``, 4 x the encoder's grid), "input" -> the input size, or a size in pixels
+    from the decoder's to the input's that divides the input size."""
+    if option is None:
+        return decoder_size
+    if option == "input":
+        return img_size
+    if isinstance(option, bool) or not isinstance(option, int) or not decoder_size <= option <= img_size \
+            or img_size % option:
+        raise ValueError(f"data.mask_size {option!r}: use null (the decoder's {decoder_size}), \"input\" ({img_size}) "
+                         f"or a size from {decoder_size} to {img_size} that divides {img_size}")
+    return option
+
+
 def _validation_set(cfg: Dict[str, Any], img_size: int, mask_size: int, strict: bool) -> SA1BDataset:
     """Every mask (up to 32 per image), box prompts without noise: the same figure in every epoch and run."""
     d = cfg["data"]
@@ -202,8 +219,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     student.train()
     img_size = student.image_encoder.img_size
     refs = select_subset(find_samples(Path(d["root"]), d["shards"], strict), d["fraction"], d["count"], cfg["seed"])
-    # the mask decoder's low-resolution output: 4 x the encoder's grid (S/4 for 16-pixel patches)
-    mask_size = 4 * img_size // getattr(student.image_encoder, "patch_size", 16)
+    mask_size = target_size(d["mask_size"], img_size, 4 * img_size // getattr(student.image_encoder, "patch_size", 16))
     dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"],
                           mask_size=mask_size, mask_targets=d["mask_targets"])
     layers = cfg["loss"]["distill_layers"] or []

@@ -279,3 +279,92 @@ def test_supervise_all_iou_trains_every_masks_predicted_iou():
     torch.testing.assert_close(best_only["iou"], torch.tensor([0.25 ** 2]))
     torch.testing.assert_close(every["iou"], torch.tensor([(0.25 ** 2 + 0.5 ** 2 + 0.5 ** 2) / 3]))
     torch.testing.assert_close(every["mask"], best_only["mask"])  # the mask term is the same
+
+
+def test_input_resolution_targets_supervise_the_upsampled_logits(sample, monkeypatch):
+    """data.mask_size "input" (SAM 2's released training): targets at the input resolution, the
+    loss and the corrective clicks on the logits upsampled as Sam.postprocess_masks upsamples them,
+    while the low-resolution logits go back in as the mask prompt."""
+    import blvit.train.sam_prompts as prompts
+    from blvit.train.losses import sam_mask_loss, upsample_logits
+    from sam_adapter.trainer import target_size
+
+    image, masks, low_item = sample
+    ds = SA1BDataset([], img_size=256, max_masks=8, box_noise=0.0, seed=0, mask_size=256)
+    item = ds.prepare(image, masks, np.random.default_rng(0))
+    n = int(item["valid"].sum())
+    fine = item["masks"][:n]
+    assert fine.shape == (n, 256, 256) and set(fine.unique().tolist()) == {0.0, 1.0}
+    # the same objects as the decoder-resolution targets: each 4 x 4 block's majority
+    blocks = fine.reshape(n, 64, 4, 64, 4).mean((2, 4))
+    torch.testing.assert_close((blocks >= 0.5).float(), low_item["masks"][:n])
+
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64)
+    low = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(upsample_logits(low, 256), sam.postprocess_masks(low, (256, 256), (256, 256)))
+    assert upsample_logits(low, 64) is low
+
+    embedding = sam.image_encoder(item["image"][None])
+    pe = sam.prompt_encoder.get_dense_pe()
+    seen, handle = _capture(sam.prompt_encoder)
+    clicks = []
+    real_sampler = prompts.sample_error_clicks
+
+    def spy(logits, target, input_hw, generator=None, stride=4):
+        coords, labels = real_sampler(logits, target, input_hw, generator, stride)
+        clicks.append((logits, target, stride, coords, labels))
+        return coords, labels
+
+    monkeypatch.setattr(prompts, "sample_error_clicks", spy)
+    out = interactive_losses(sam, embedding, pe, fine, item["input_hw"], item["boxes"][:n], None, 1, 0, WEIGHTS)
+    handle.remove()
+    # round 0 is the box alone: its loss is SAM's loss of the upsampled single-mask logits
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=item["boxes"][:n], masks=None)
+        logits, iou = decode_per_prompt(sam.mask_decoder, embedding.expand(n, -1, -1, -1), pe, sparse, dense, False)
+        first = sam_mask_loss(upsample_logits(logits, 256), iou, fine, **WEIGHTS, reduce=False)
+    torch.testing.assert_close(out["mask_iou_rounds"][0], first["mask_iou"])
+    alone = interactive_losses(sam, embedding, pe, fine, item["input_hw"], item["boxes"][:n], None, 0, 0, WEIGHTS)
+    torch.testing.assert_close(alone["mask"], first["mask"])
+    torch.testing.assert_close(alone["iou"], first["iou"])
+    assert seen[1][1]["masks"].shape == (n, 1, 64, 64)  # the low-resolution logits are the mask prompt
+    torch.testing.assert_close(seen[1][1]["masks"], logits)
+    (previous, target, stride, coords, labels), = clicks
+    assert stride == 1 and target is fine
+    torch.testing.assert_close(previous, upsample_logits(logits, 256)[:, 0])  # the clicks see the upsampled mask
+    x, y = coords[:, 0, 0].long(), coords[:, 0, 1].long()
+    rows = labels[:, 0] != NOT_A_POINT
+    wrong = (previous[torch.arange(n), y, x] > 0) != (fine[torch.arange(n), y, x] > 0.5)
+    assert bool(wrong[rows].all())  # every click lands on a pixel the upsampled mask gets wrong
+    assert bool((labels[rows, 0] == fine[torch.arange(n), y, x][rows].long()).all())
+
+    assert target_size(None, 256, 64) == 64 and target_size("input", 256, 64) == 256 and target_size(128, 256, 64) == 128
+    for bad in (32, 100, 512, "full", True):
+        with pytest.raises(ValueError, match="data.mask_size"):
+            target_size(bad, 256, 64)
+
+
+def test_validation_scores_input_resolution_targets_on_the_upsampled_masks(tmp_path):
+    """evaluate_box_miou with data.mask_size "input": the box masks as Sam.postprocess_masks
+    upsamples them, scored against the input-resolution targets."""
+    from sam_adapter.trainer import evaluate_box_miou, predict_box_masks
+
+    write_sa1b(tmp_path / "data", 2, seed=3)
+    refs = find_samples(tmp_path / "data")
+    torch.manual_seed(0)
+    sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64).eval()
+    fine = SA1BDataset(refs, img_size=256, max_masks=8, box_noise=0.0, seed=0, box_fraction=1.0, mask_size=256)
+    score = evaluate_box_miou(sam, fine, torch.device("cpu"), amp=False)
+    ious = []
+    with torch.no_grad():
+        pe = sam.prompt_encoder.get_dense_pe()
+        for i in range(len(fine)):
+            item = fine[i]
+            pick = item["valid"]
+            logits, _ = predict_box_masks(sam, sam.image_encoder(item["image"][None]), pe, item["boxes"][pick])
+            masks = sam.postprocess_masks(logits, (256, 256), (256, 256))[:, 0] > 0
+            truth = item["masks"][pick] > 0.5
+            ious += ((masks & truth).flatten(1).sum(1) / (masks | truth).flatten(1).sum(1).clamp(min=1)).tolist()
+    assert score["val_masks"] == len(ious)
+    assert score["val_box_miou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)

@@ -83,6 +83,12 @@ SAM_DEFAULTS: Dict[str, Any] = {
         # the low-resolution training targets: binary (a cell is the object where half of it is)
         # or area (each cell's share of object pixels: the logits learn where the edge crosses a cell)
         "mask_targets": "binary",
+        # resolution of the training and validation targets: null = the mask decoder's output (4 x
+        # the encoder's grid, S/4 for 16-pixel patches); "input" = the input size S, the loss then
+        # on the logits upsampled bilinearly to S as SamPredictor upsamples them (SAM 2's released
+        # training: focal, dice and IoU on its high-resolution masks); or a size in pixels from the
+        # decoder's output to S that divides S
+        "mask_size": None,
         "workers": 2,
         "val_root": None,  # SA-1B-format folder: box-prompt mIoU after every epoch, picks best.pth
         "val_count": 64,  # at most this many validation images

@@ -46,6 +46,16 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return inter / (pred.sum(-1) + t.sum(-1) - inter).clamp(min=1)
 
 
+def upsample_logits(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., h, w) mask logits -> (..., size, size), bilinear as ``Sam.postprocess_masks`` upsamples
+    them to the input frame (and SAM 2's training its high-resolution masks); unchanged at h = size."""
+    if logits.shape[-1] == size and logits.shape[-2] == size:
+        return logits
+    lead = logits.shape[:-2]
+    up = F.interpolate(logits.reshape(-1, 1, *logits.shape[-2:]), size=(size, size), mode="bilinear", align_corners=False)
+    return up.reshape(*lead, size, size)
+
+
 # The keyword options of sam_mask_loss that come from a config's ``loss`` section.
 MASK_LOSS_OPTIONS = ("focal_weight", "focal_alpha", "dice_weight", "iou_weight", "supervise_all_iou")
 

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
-from .losses import sam_mask_loss
+from .losses import sam_mask_loss, upsample_logits
 
 # The mask decoder's logits are at a quarter of the input resolution.
 MASK_STRIDE = 4
@@ -104,8 +104,9 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
     Args:
         embeddings: (M, C, h', w') the image embedding of each mask's image (or (1, ...) for
             masks of one image); image_pe: the prompt encoder's dense PE.
-        targets: (M, S/4, S/4) ground truth; input_hw: (2,) or (M, 2), see
-            :func:`sample_error_clicks`.
+        targets: (M, R, R) ground truth at the decoder's resolution (R = S/4) or finer (up to the
+            input size S: the logits are upsampled to R for the loss and the clicks); input_hw:
+            (2,) or (M, 2), see :func:`sample_error_clicks`.
         boxes: (M, 4) xyxy first prompts, or None; points: (M, 1, 2) first points, or None
             (exactly one of the two). A single point is ambiguous and trains the best of the
             three multimask outputs (unless ``multimask_points`` is False); a box, and every
@@ -124,11 +125,11 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
         coords = targets.new_zeros(m, 0, 2)
         labels = torch.zeros(m, 0, dtype=torch.int, device=targets.device)
     refine_only = mask_only_rounds(click_rounds, refine_rounds)
-    mask_input = None
+    mask_input = previous = None
     rounds = []
     for round_ in range(1 + click_rounds + refine_rounds):
         if round_ > 0 and round_ not in refine_only:
-            new_coords, new_labels = sample_error_clicks(mask_input[:, 0], targets, input_hw,
+            new_coords, new_labels = sample_error_clicks(previous, targets, input_hw,
                                                          stride=sam.image_encoder.img_size // targets.shape[-1])
             coords, labels = torch.cat([coords, new_coords], 1), torch.cat([labels, new_labels], 1)
         sparse, dense = sam.prompt_encoder(points=(coords, labels) if coords.shape[1] else None, boxes=boxes,
@@ -136,11 +137,15 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
         dense = dense.expand(m, -1, -1, -1)
         logits, iou_pred = decode_per_prompt(sam.mask_decoder, embeddings, image_pe, sparse, dense,
                                              multimask_output=round_ == 0 and boxes is None and multimask_points)
-        out = sam_mask_loss(logits, iou_pred, targets, **weights, reduce=False)
+        # targets finer than the decoder's output (data.mask_size): the loss sees the logits upsampled
+        supervised = upsample_logits(logits, targets.shape[-1])
+        out = sam_mask_loss(supervised, iou_pred, targets, **weights, reduce=False)
         rounds.append(out)
-        # the supervised mask goes back in as the next round's mask prompt (no gradient through it)
-        best = out["best"][:, None, None, None].expand(-1, 1, *logits.shape[2:])
-        mask_input = logits.gather(1, best).detach().float()
+        # the supervised mask's low-resolution logits go back in as the next round's mask prompt
+        # (no gradient through them); the next click comes from its error at the targets' resolution
+        pick = out["best"][:, None, None, None]
+        mask_input = logits.gather(1, pick.expand(-1, 1, *logits.shape[2:])).detach().float()
+        previous = supervised.gather(1, pick.expand(-1, 1, *supervised.shape[2:]))[:, 0].detach()
     result = {k: torch.stack([r[k] for r in rounds]).mean(0) for k in ("mask", "iou", "mask_iou")}
     result["mask_iou_rounds"] = torch.stack([r["mask_iou"] for r in rounds]).detach()
     return result
