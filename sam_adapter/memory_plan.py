@@ -74,6 +74,7 @@ def activation_bytes(student: nn.Module, cfg: Dict[str, Any], amp: bool) -> Dict
     and per encoder block (for the activation-checkpointing estimate)."""
     from blvit.train import sam_prompts
     from blvit.train.losses import MASK_LOSS_OPTIONS
+    from sam_adapter.trainer import target_size
 
     encoder = student.image_encoder
     s = encoder.img_size
@@ -100,7 +101,8 @@ def activation_bytes(student: nn.Module, cfg: Dict[str, Any], amp: bool) -> Dict
             embeddings = encoder(image)
             encoder_bytes = totals["saved"]
             if loss["mask_weight"] > 0:
-                targets = torch.empty(masks, 4 * grid, 4 * grid, device="meta")
+                size = target_size(cfg["data"]["mask_size"], s, 4 * grid)
+                targets = torch.empty(masks, size, size, device="meta")
                 boxes = torch.empty(masks, 4, device="meta")
                 weights = {k: loss[k] for k in MASK_LOSS_OPTIONS}
                 sam_prompts.interactive_losses(student, embeddings, student.prompt_encoder.get_dense_pe(), targets,

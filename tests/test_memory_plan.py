@@ -58,3 +58,18 @@ def test_plan_agrees_with_the_measured_peak_of_a_cpu_run(tmp_path):
     assert 0.6 < four["measured_bytes"] / four["planned_bytes"] < 1.4, four
     slope = (runs[4]["measured_bytes"] - runs[2]["measured_bytes"]) / 2
     assert 0.4 < slope / four["planned_per_sample_bytes"] < 1.2, (slope, four)
+
+
+def test_plan_counts_the_upsampled_masks_of_finer_targets():
+    """data.mask_size finer than the decoder's 64 x 64: the loss keeps its maps at the targets'
+    resolution, so the plan's decoder activations grow with the extra pixels (256: 5x what 128 adds)."""
+    from sam_adapter.memory_plan import _models_on_meta, activation_bytes
+
+    plans = {}
+    for size in ("null", "128", "input"):
+        cfg = load_config(ROOT / "configs/sam/quickstart_teacher.yaml", [f"data.mask_size={size}"])
+        plans[size] = activation_bytes(_models_on_meta(cfg)[0], cfg, amp=False)
+    assert plans["input"]["encoder"] == plans["null"]["encoder"]
+    extra = {size: plans[size]["decoder"] - plans["null"]["decoder"] for size in ("128", "input")}
+    assert extra["128"] > 0
+    assert extra["input"] / extra["128"] == pytest.approx((256**2 - 64**2) / (128**2 - 64**2), rel=0.1), extra
