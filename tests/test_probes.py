@@ -264,7 +264,7 @@ def test_probe_10_everything_that_keeps_nothing_says_which_threshold_dropped_wha
     out = capsys.readouterr().out
     assert report["masks"] == []
     assert "candidate masks:" in out and "below --pred-iou-thresh 1.01" in out and "--stability-thresh 0.95" in out
-    assert "blvit-quickstart --train-images 1600 --teacher-epochs 8" in out  # no --checkpoint: the quick start's model
+    assert "blvit-quickstart --train-images 1600 --teacher-epochs 12" in out  # no --checkpoint: the quick start's model
 
 
 def test_probe_08_bench_progress_spread_and_busy_warning(tmp_path, capsys, monkeypatch):
