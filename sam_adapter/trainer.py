@@ -40,8 +40,9 @@ def evaluate_box_miou(sam: nn.Module, dataset: SA1BDataset, device: torch.device
     """Mean IoU of box-prompted masks (ground-truth boxes, no noise) on a validation set.
 
     Computed at the dataset's target resolution (``data.mask_size``; the logits are upsampled to
-    it where it is finer than the decoder's); the evaluation CLI measures full-resolution mIoU. Ranks take strides of the set and the sums are
-    all-reduced, so every rank returns the same figure.
+    it where it is finer than the decoder's); the evaluation CLI measures full-resolution mIoU.
+    Ranks take strides of the set and the sums are all-reduced, so every rank returns the same
+    figure.
     """
     was_training = sam.training
     sam.eval()

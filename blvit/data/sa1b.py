@@ -134,8 +134,9 @@ class SA1BDataset(torch.utils.data.Dataset):
     Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy with noise and
     ``points`` (M, 1, 2) one positive point inside each mask, both in the input frame exactly as
     ``SamPredictor`` maps an image's pixel coordinates (``ResizeLongestSide``);
-    ``masks`` (M, R, R) float targets at the mask decoder's resolution R = ``mask_size`` (SAM: 4 x
-    the encoder's grid, S/4 for 16-pixel patches): each cell 1 where at least half of its input
+    ``masks`` (M, R, R) float targets at resolution R = ``mask_size``: the mask decoder's (SAM: 4 x
+    the encoder's grid, S/4 for 16-pixel patches) or finer, up to S (the training then upsamples
+    the logits to R, ``data.mask_size``): each cell 1 where at least half of its input
     pixels are the object (``mask_targets="binary"``), or that share itself (``"area"``); ``valid`` (M,)
     which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``input_hw``
     (2,) the resized image's size inside the padded input; ``index``
