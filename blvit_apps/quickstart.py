@@ -172,6 +172,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                           "(default: train.epochs of quickstart_teacher.yaml)")
     parser.add_argument("--student-epochs", type=int, help="bLViT student: epochs of distillation "
                                                           "(default: train.epochs of quickstart.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override for both trainings, as tools/train.py takes it (repeatable), "
+                             "e.g. --set data.mask_size=input")
     parser.add_argument("--processes", type=int, default=default_processes(),
                         help="training processes (DDP over gloo, one share of the CPU cores each; default: "
                              "%(default)s here); 1 trains in this process")
@@ -181,7 +184,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     lap = Laps()
     data = ensure_synthetic(args.data, train=args.train_images)
     print(f"[1/5] synthetic data in {args.data}: SA-1B train/val, held-out COCO + LVIS {lap()}")
-    common = [f"data.root={data['sa1b_train']}", f"data.val_root={data['sa1b_val']}"]
+    common = [f"data.root={data['sa1b_train']}", f"data.val_root={data['sa1b_val']}", *args.overrides]
     teacher = _train(CONFIGS / "quickstart_teacher.yaml",
                      common + [f"output_dir={args.runs / 'teacher'}", *_epochs(args.teacher_epochs)], args.processes)
     teacher_ckpt = Path(teacher["best_checkpoint"])

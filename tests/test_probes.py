@@ -432,3 +432,34 @@ def test_probe_10_overlay_titles_are_inside_the_picture(tmp_path, monkeypatch, s
             titles += 1
         assert ax.get_title() == ""
     assert titles == 3
+
+
+def test_quickstart_set_overrides_reach_both_trainings_and_bad_keys_stop_it(tmp_path, monkeypatch):
+    """blvit-quickstart --set KEY=VALUE: the override goes to the teacher's and the student's
+    training; a key that does not exist stops the run before any training, naming the key."""
+    from blvit_apps import quickstart
+
+    folders = {k: str(tmp_path / k) for k in ("sa1b_train", "sa1b_val")}
+    monkeypatch.setattr(quickstart, "ensure_synthetic", lambda out, train: folders)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(config, overrides, processes=1):
+        seen.append((config.name, overrides))
+        if len(seen) == 2:
+            raise Stop
+        return {"best_checkpoint": str(tmp_path / "teacher.pth"), "validation": {"val_box_miou": 0.5}}
+
+    monkeypatch.setattr(quickstart, "_train", fake_train)
+    with pytest.raises(Stop):
+        quickstart.run(["--set", "data.mask_size=input", "--set", "train.lr=1e-3", "--runs", str(tmp_path / "runs")])
+    assert [name for name, _ in seen] == ["quickstart_teacher.yaml", "quickstart.yaml"]
+    for _, overrides in seen:
+        assert "data.mask_size=input" in overrides and "train.lr=1e-3" in overrides
+
+    monkeypatch.undo()
+    monkeypatch.setattr(quickstart, "ensure_synthetic", lambda out, train: folders)
+    with pytest.raises(ConfigError, match="mask_sise"):
+        quickstart.run(["--set", "data.mask_sise=input", "--runs", str(tmp_path / "runs")])
