@@ -101,7 +101,7 @@ def activation_bytes(student: nn.Module, cfg: Dict[str, Any], amp: bool) -> Dict
             embeddings = encoder(image)
             encoder_bytes = totals["saved"]
             if loss["mask_weight"] > 0:
-                size = target_size(cfg["data"]["mask_size"], s, 4 * grid)
+                size = target_size(cfg["data"]["mask_size"], encoder)
                 targets = torch.empty(masks, size, size, device="meta")
                 boxes = torch.empty(masks, 4, device="meta")
                 weights = {k: loss[k] for k in MASK_LOSS_OPTIONS}

@@ -185,10 +185,12 @@ def _teacher_meta(cfg: Dict[str, Any], img_size: int) -> Dict[str, Any]:
             "img_size": img_size, "model": cfg["model"]["overrides"] if not checkpoint else None}
 
 
-def target_size(option: Any, img_size: int, decoder_size: int) -> int:
+def target_size(option: Any, encoder: nn.Module) -> int:
     """The resolution of the mask targets from ``data.mask_size``: None -> the mask decoder's output
-    (``decoder_size``, 4 x the encoder's grid), "input" -> the input size, or a size in pixels
-    from the decoder's to the input's that divides the input size."""
+    (4 x the encoder's grid: S/4 for 16-pixel patches), "input" -> the input size S, or a size in
+    pixels from the decoder's to the input's that divides the input size."""
+    img_size = encoder.img_size
+    decoder_size = 4 * img_size // getattr(encoder, "patch_size", 16)
     if option is None:
         return decoder_size
     if option == "input":
@@ -220,7 +222,7 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     student.train()
     img_size = student.image_encoder.img_size
     refs = select_subset(find_samples(Path(d["root"]), d["shards"], strict), d["fraction"], d["count"], cfg["seed"])
-    mask_size = target_size(d["mask_size"], img_size, 4 * img_size // getattr(student.image_encoder, "patch_size", 16))
+    mask_size = target_size(d["mask_size"], student.image_encoder)
     dataset = SA1BDataset(refs, img_size, d["max_masks"], d["box_noise"], cfg["seed"], strict, d["box_fraction"],
                           mask_size=mask_size, mask_targets=d["mask_targets"])
     layers = cfg["loss"]["distill_layers"] or []

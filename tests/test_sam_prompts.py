@@ -339,10 +339,11 @@ def test_input_resolution_targets_supervise_the_upsampled_logits(sample, monkeyp
     assert bool(wrong[rows].all())  # every click lands on a pixel the upsampled mask gets wrong
     assert bool((labels[rows, 0] == fine[torch.arange(n), y, x][rows].long()).all())
 
-    assert target_size(None, 256, 64) == 64 and target_size("input", 256, 64) == 256 and target_size(128, 256, 64) == 128
+    encoder = sam.image_encoder  # 256 px, 16-pixel patches: the decoder's masks are 64 x 64
+    assert target_size(None, encoder) == 64 and target_size("input", encoder) == 256 and target_size(128, encoder) == 128
     for bad in (32, 100, 512, "full", True):
         with pytest.raises(ValueError, match="data.mask_size"):
-            target_size(bad, 256, 64)
+            target_size(bad, encoder)
 
 
 def test_validation_scores_input_resolution_targets_on_the_upsampled_masks(tmp_path):
