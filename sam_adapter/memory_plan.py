@@ -31,7 +31,7 @@ STRATEGIES = ("ddp", "oss", "fsdp")
 
 def _models_on_meta(cfg: Dict[str, Any]) -> Tuple[nn.Module, Optional[nn.Module]]:
     """Student Sam and teacher encoder as the trainer builds them (no files read)."""
-    from .trainer import dense_teacher_config, student_options
+    from .trainer import dense_teacher_config, set_trainable_parts, student_options
 
     keep, overrides = student_options(cfg)
     with torch.device("meta"):
@@ -40,8 +40,7 @@ def _models_on_meta(cfg: Dict[str, Any]) -> Tuple[nn.Module, Optional[nn.Module]
         if cfg["task"] == "sam_distill" and not cfg["teacher"]["cache_dir"]:
             teacher = build_sam_from_config(dense_teacher_config(student.image_encoder.config)).image_encoder
             teacher.requires_grad_(False)
-    student.prompt_encoder.requires_grad_(bool(cfg["loss"]["train_prompt_encoder"]))
-    student.mask_decoder.requires_grad_(bool(cfg["loss"]["train_decoder"]))
+    set_trainable_parts(student, cfg)
     return student, teacher
 
 

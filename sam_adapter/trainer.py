@@ -134,6 +134,11 @@ class SamTrainingModule(nn.Module):
         if cfg["mask_weight"] > 0:
             out.update(self.prompt_losses(embeddings, batch))
             total = total + cfg["mask_weight"] * (out["mask"] + out["iou"])
+            # Which prompt embeddings a batch uses depends on the prompts it drew (no box-started
+            # mask: no box-corner embeddings). DDP, fairscale's ShardedDDP and FSDP all need every
+            # rank to produce a gradient for every trainable parameter: a zero term makes the
+            # unused ones take part (gradient 0, as their share of the global batch).
+            total = total + 0.0 * sum(p.sum() for p in self.sam.prompt_encoder.parameters() if p.requires_grad)
         out["loss"] = total
         return out
 
@@ -174,9 +179,37 @@ def build_models(cfg: Dict[str, Any]):
         teacher = teacher_sam.image_encoder.eval().requires_grad_(False)
     elif cfg["task"] != "sam_finetune":
         raise ValueError(f"unknown task {cfg['task']!r}; choose sam_distill or sam_finetune")
-    student.prompt_encoder.requires_grad_(bool(cfg["loss"]["train_prompt_encoder"]))
-    student.mask_decoder.requires_grad_(bool(cfg["loss"]["train_decoder"]))
+    set_trainable_parts(student, cfg)
     return student, teacher
+
+
+def prompt_parts_never_used(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    """Names of the prompt encoder's modules that the recipe never feeds: the mask-prompt path
+    without click or mask-only rounds, the box-corner embeddings without box prompts
+    (``data.box_fraction`` 0), the point embeddings without any point (boxes only, no clicks)."""
+    loss, box_fraction = cfg["loss"], float(cfg["data"]["box_fraction"])
+    rounds = int(loss["click_rounds"]) + int(loss["refine_rounds"])
+    unused = [] if rounds else ["mask_downscaling"]
+    if box_fraction <= 0:
+        unused += ["point_embeddings.2", "point_embeddings.3"]
+    if box_fraction >= 1 and not int(loss["click_rounds"]):
+        unused += ["point_embeddings.0", "point_embeddings.1", "not_a_point_embed"]
+    return tuple(unused)
+
+
+def set_trainable_parts(sam: nn.Module, cfg: Dict[str, Any]) -> None:
+    """``loss.train_prompt_encoder`` / ``loss.train_decoder``, less the prompt encoder's parts the
+    recipe never uses: they keep their loaded weights (no weight decay of parameters that never see a
+    gradient) and take no part in the gradient synchronisation."""
+    loss = cfg["loss"]
+    if (loss["train_prompt_encoder"] or loss["train_decoder"]) and not loss["mask_weight"] > 0:
+        raise ValueError("loss.train_prompt_encoder / loss.train_decoder need loss.mask_weight > 0: without the mask "
+                         "loss no gradient reaches the prompt encoder or the mask decoder")
+    sam.prompt_encoder.requires_grad_(bool(loss["train_prompt_encoder"]))
+    sam.mask_decoder.requires_grad_(bool(loss["train_decoder"]))
+    if loss["train_prompt_encoder"]:
+        for name in prompt_parts_never_used(cfg):
+            sam.prompt_encoder.get_submodule(name).requires_grad_(False)
 
 
 def _teacher_meta(cfg: Dict[str, Any], img_size: int) -> Dict[str, Any]:

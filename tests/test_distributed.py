@@ -235,3 +235,44 @@ def test_quickstart_launcher_trains_over_two_processes_as_in_one(tmp_path):
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert a[-1] < a[0]
     assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.heavy
+def test_ranks_whose_batches_draw_different_prompt_kinds_train_as_one_process(tmp_path):
+    """SAM training with a trainable prompt encoder over two DDP ranks of one single-mask image
+    each, box or point first at even odds and no click rounds: at most steps one rank's batch has
+    no box (its box-corner embeddings get no gradient there) while the other's has one. DDP stopped
+    at the second such step ("Expected to have finished reduction ..."), and so did fairscale's
+    ShardedDDP and FSDP; now every trainable parameter takes part in every step, the run gives the
+    one-process losses, and the mask-prompt path, which no round feeds, stays as it was."""
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    teacher = str(ROOT / "configs/sam/quickstart_teacher.yaml")
+    steps = 6
+    common = [f"data.root={data}", f"train.max_steps={steps}", "train.epochs=2", "data.workers=0",
+              "data.val_root=null", "data.max_masks=1", "data.box_fraction=0.5", "loss.click_rounds=0",
+              "train.optimizer=adamw"]
+    train(load_config(teacher, common + ["train.batch_size=2", f"output_dir={tmp_path / 'one'}"]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/train.py"), "--config", teacher, *common, "train.batch_size=1",
+           f"output_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == steps
+    assert two == pytest.approx(one, rel=1e-4)
+
+    import torch
+    from sam_adapter.build import build_sam_blvit
+
+    latest = (tmp_path / "two/checkpoints/latest.txt").read_text().strip()
+    trained = torch.load(tmp_path / "two/checkpoints" / latest, weights_only=False)["model"]
+    cfg = load_config(teacher, common)
+    torch.manual_seed(cfg["seed"])
+    start = build_sam_blvit(cfg["model"]["variant"], keep_ratio=1.0, prompt_pe_scale=0.5,
+                            **cfg["model"]["overrides"]).state_dict()
+    downscaling = [k for k in trained if k.startswith("prompt_encoder.mask_downscaling.")]
+    assert downscaling and all(torch.equal(trained[k], start[k]) for k in downscaling)
+    assert not torch.equal(trained["prompt_encoder.point_embeddings.2.weight"],
+                           start["prompt_encoder.point_embeddings.2.weight"])

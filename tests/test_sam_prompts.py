@@ -87,7 +87,7 @@ def test_trainer_feeds_the_decoder_what_sam_predictor_would(sample):
     # targets: the decoder's low-res frame. Turned into logits and through SamPredictor's own
     # post-processing they give back the object at full resolution, in place.
     for slot in range(n):
-        logits = item["masks"][slot][None, None] * 20 - 10
+        logits = item["masks"][slot][None, None] * 20.0 - 10
         back = sam.postprocess_masks(logits, predictor.input_size, predictor.original_size)[0, 0].numpy() > 0
         gt = masks[slot]
         iou = (back & gt).sum() / (back | gt).sum()
@@ -104,7 +104,7 @@ def test_error_clicks_land_in_the_error_region_with_its_label(sample):
     h, w = image.shape[:2]
     scale = max(h, w) / 256
     n = int(item["valid"].sum())
-    targets = item["masks"][:n]
+    targets = item["masks"][:n].float()
     torch.manual_seed(0)
     for kind in ("missed", "spilled", "exact"):
         logits = {"missed": -torch.ones_like(targets), "spilled": torch.ones_like(targets),
@@ -194,7 +194,7 @@ def test_other_patch_sizes_train_at_their_own_mask_resolution(tmp_path):
                                 WEIGHTS)
     assert all(torch.isfinite(v).all() for v in losses.values())
     # clicks at stride 2 land on the error cell they were drawn from
-    targets = item["masks"][:n]
+    targets = item["masks"][:n].float()
     coords, labels = sample_error_clicks(-torch.ones_like(targets), targets, item["input_hw"], stride=2)
     cells = (coords[:, 0] // 2).long()
     assert bool((targets[torch.arange(n), cells[:, 1], cells[:, 0]] == 1).all())
@@ -214,8 +214,13 @@ def test_area_targets_are_each_cells_object_share(tmp_path):
     soft, hard = area["masks"][:n], binary["masks"][:n]
     assert ((soft > 0) & (soft < 1)).any()  # edge cells are fractions of 1/16
     torch.testing.assert_close(soft * 16, (soft * 16).round())
-    torch.testing.assert_close(hard, (soft >= 0.5).float())
-    torch.testing.assert_close(mask_iou(hard * 20 - 10, soft), torch.ones(n))
+    assert hard.dtype == torch.bool and soft.dtype == torch.float32
+    assert torch.equal(hard, soft >= 0.5)
+    torch.testing.assert_close(mask_iou(hard * 20.0 - 10, soft), torch.ones(n))
+    # at the input resolution every share is 0 or 1: the same bool targets as binary ones
+    full_area, full_binary = (SA1BDataset(refs, img_size=256, max_masks=4, box_noise=0.0, seed=0, mask_targets=kind,
+                                          mask_size=256)[0]["masks"] for kind in ("area", "binary"))
+    assert full_area.dtype == torch.bool and torch.equal(full_area, full_binary)
     with pytest.raises(ValueError, match="mask_targets"):
         SA1BDataset(refs, img_size=256, mask_targets="soft")
 
@@ -294,10 +299,11 @@ def test_input_resolution_targets_supervise_the_upsampled_logits(sample, monkeyp
     item = ds.prepare(image, masks, np.random.default_rng(0))
     n = int(item["valid"].sum())
     fine = item["masks"][:n]
-    assert fine.shape == (n, 256, 256) and set(fine.unique().tolist()) == {0.0, 1.0}
+    # 0/1 targets travel as bool (a quarter of float32's bytes); the losses take them as they are
+    assert fine.shape == (n, 256, 256) and fine.dtype == torch.bool and set(fine.unique().tolist()) == {False, True}
     # the same objects as the decoder-resolution targets: each 4 x 4 block's majority
-    blocks = fine.reshape(n, 64, 4, 64, 4).mean((2, 4))
-    torch.testing.assert_close((blocks >= 0.5).float(), low_item["masks"][:n])
+    blocks = fine.float().reshape(n, 64, 4, 64, 4).mean((2, 4))
+    assert torch.equal(blocks >= 0.5, low_item["masks"][:n])
 
     torch.manual_seed(0)
     sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64)
@@ -331,7 +337,8 @@ def test_input_resolution_targets_supervise_the_upsampled_logits(sample, monkeyp
     assert seen[1][1]["masks"].shape == (n, 1, 64, 64)  # the low-resolution logits are the mask prompt
     torch.testing.assert_close(seen[1][1]["masks"], logits)
     (previous, target, stride, coords, labels), = clicks
-    assert stride == 1 and target is fine
+    assert stride == 1
+    torch.testing.assert_close(target, fine.float())
     torch.testing.assert_close(previous, upsample_logits(logits, 256)[:, 0])  # the clicks see the upsampled mask
     x, y = coords[:, 0, 0].long(), coords[:, 0, 1].long()
     rows = labels[:, 0] != NOT_A_POINT
@@ -369,3 +376,44 @@ def test_validation_scores_input_resolution_targets_on_the_upsampled_masks(tmp_p
             ious += ((masks & truth).flatten(1).sum(1) / (masks | truth).flatten(1).sum(1).clamp(min=1)).tolist()
     assert score["val_masks"] == len(ious)
     assert score["val_box_miou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+
+
+def test_prompt_encoder_parts_the_recipe_never_feeds_stay_frozen_and_the_rest_always_get_a_gradient(sample):
+    """With loss.train_prompt_encoder, the prompt encoder's parts that no prompt of the recipe
+    reaches stay frozen (no rounds: the mask-prompt path; no boxes: the corner embeddings; boxes
+    only and no clicks: the point embeddings); every other part gets a gradient in every step, also
+    from a batch whose prompts use none of it (zero there), so that all ranks synchronise the same."""
+    from pathlib import Path
+
+    from blvit.train.config import load_config
+    from sam_adapter.trainer import SamTrainingModule, build_models
+
+    teacher = str(Path(__file__).resolve().parents[1] / "configs/sam/quickstart_teacher.yaml")
+
+    def frozen(*overrides):
+        sam, _ = build_models(load_config(teacher, list(overrides)))
+        names = {n.rsplit(".", 1)[0] for n, p in sam.prompt_encoder.named_parameters() if not p.requires_grad}
+        return sam, {n.split(".")[0] if n.startswith("mask_downscaling") else n for n in names}
+
+    sam, none = frozen()
+    assert none == set()
+    assert frozen("loss.click_rounds=0")[1] == {"mask_downscaling"}
+    assert frozen("loss.click_rounds=0", "loss.refine_rounds=1")[1] == set()
+    assert frozen("data.box_fraction=0")[1] == {"point_embeddings.2", "point_embeddings.3"}
+    assert frozen("data.box_fraction=1", "loss.click_rounds=0")[1] == {
+        "mask_downscaling", "point_embeddings.0", "point_embeddings.1", "not_a_point_embed"}
+    assert frozen("data.box_fraction=1")[1] == set()  # the clicks are points
+    with pytest.raises(ValueError, match="mask_weight"):
+        build_models(load_config(teacher, ["loss.mask_weight=0"]))
+
+    # a batch of point prompts only: the box-corner embeddings take part with a zero gradient
+    cfg = load_config(teacher, ["loss.click_rounds=0"])
+    sam, _ = build_models(cfg)
+    _, _, item = sample
+    batch = {k: v[None] for k, v in item.items()}
+    batch["use_box"] = torch.zeros_like(batch["use_box"])
+    SamTrainingModule(sam, cfg["loss"])(batch)["loss"].backward()
+    grads = {n: p.grad for n, p in sam.prompt_encoder.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert float(grads["point_embeddings.2.weight"].abs().sum()) == 0
+    assert float(grads["point_embeddings.1.weight"].abs().sum()) > 0

@@ -134,10 +134,11 @@ class SA1BDataset(torch.utils.data.Dataset):
     Each item: ``image`` (3, S, S) normalised and padded; ``boxes`` (M, 4) xyxy with noise and
     ``points`` (M, 1, 2) one positive point inside each mask, both in the input frame exactly as
     ``SamPredictor`` maps an image's pixel coordinates (``ResizeLongestSide``);
-    ``masks`` (M, R, R) float targets at resolution R = ``mask_size``: the mask decoder's (SAM: 4 x
+    ``masks`` (M, R, R) targets at resolution R = ``mask_size``: the mask decoder's (SAM: 4 x
     the encoder's grid, S/4 for 16-pixel patches) or finer, up to S (the training then upsamples
     the logits to R, ``data.mask_size``): each cell 1 where at least half of its input
-    pixels are the object (``mask_targets="binary"``), or that share itself (``"area"``); ``valid`` (M,)
+    pixels are the object (``mask_targets="binary"``; bool), or that share itself (``"area"``;
+    float32, bool where R = S and every share is 0 or 1); ``valid`` (M,)
     which of the ``max_masks`` slots hold a mask; ``use_box`` (M,) box or point prompt; ``input_hw``
     (2,) the resized image's size inside the padded input; ``index``
     the sample's position in ``refs`` (for the teacher-embedding cache). Randomness comes from
@@ -222,7 +223,10 @@ class SA1BDataset(torch.utils.data.Dataset):
         pixels[:rh, :rw] = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
         low = self.mask_size
         stride = s // low
-        targets = np.zeros((m, low, low), np.float32)
+        # 0/1 targets travel as bool (a quarter of float32's bytes: 16 masks of a 1024-px input at
+        # data.mask_size=input are 16 MB, not 64) and become float in the loss; area shares stay float
+        binary = self.mask_targets == "binary" or stride == 1
+        targets = np.zeros((m, low, low), bool if binary else np.float32)
         boxes = np.zeros((m, 4), np.float32)
         points = np.zeros((m, 1, 2), np.float32)
         valid = np.zeros(m, bool)
@@ -244,7 +248,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             full = np.zeros((s, s), np.float32)
             full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
             share = full.reshape(low, stride, low, stride).mean(axis=(1, 3))
-            targets[slot] = share if self.mask_targets == "area" else share >= 0.5
+            targets[slot] = share >= 0.5 if binary else share
             valid[slot] = True
         return {
             "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),

@@ -68,7 +68,8 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     predicted IoU for that mask.
 
     Args:
-        logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w).
+        logits: (M, K, h, w) low-resolution mask logits; iou_pred: (M, K); target: (M, h, w),
+            float or bool.
         focal_alpha: the focal loss's weight of object pixels (background: 1 - alpha); RetinaNet's
             0.25 weighs background pixels 3x.
         supervise_all_iou: the IoU term on every one of the K masks (SAM 2's released training
@@ -80,7 +81,7 @@ def sam_mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
         "best": (M,) index of the supervised mask among the K}.
     """
     logits = logits.float()
-    target = target[:, None].expand_as(logits)
+    target = target.float()[:, None].expand_as(logits)
     per_mask = focal_weight * focal_loss(logits, target, alpha=focal_alpha) + dice_weight * dice_loss(logits, target)  # (M, K)
     best = per_mask.argmin(dim=1, keepdim=True)
     mask_term = per_mask.gather(1, best).squeeze(1)

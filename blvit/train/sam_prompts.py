@@ -104,7 +104,7 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
     Args:
         embeddings: (M, C, h', w') the image embedding of each mask's image (or (1, ...) for
             masks of one image); image_pe: the prompt encoder's dense PE.
-        targets: (M, R, R) ground truth at the decoder's resolution (R = S/4) or finer (up to the
+        targets: (M, R, R) ground truth (float or bool) at the decoder's resolution (R = S/4) or finer (up to the
             input size S: the logits are upsampled to R for the loss and the clicks); input_hw:
             (2,) or (M, 2), see :func:`sample_error_clicks`.
         boxes: (M, 4) xyxy first prompts, or None; points: (M, 1, 2) first points, or None
@@ -118,6 +118,7 @@ def interactive_losses(sam: nn.Module, embeddings: torch.Tensor, image_pe: torch
         the IoU of every round (no gradient), to watch extra clicks pay off.
     """
     m = targets.shape[0]
+    targets = targets.float()  # binary targets come as bool (SA1BDataset)
     embeddings = embeddings.expand(m, -1, -1, -1)
     if points is not None:
         coords, labels = points, torch.ones(m, points.shape[1], dtype=torch.int, device=points.device)
