@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from blvit.data.sa1b import find_samples
 from blvit.data.synthetic import write_sa1b
 from blvit.train.config import load_config
 from sam_adapter.trainer import train
@@ -276,3 +277,31 @@ def test_ranks_whose_batches_draw_different_prompt_kinds_train_as_one_process(tm
     assert downscaling and all(torch.equal(trained[k], start[k]) for k in downscaling)
     assert not torch.equal(trained["prompt_encoder.point_embeddings.2.weight"],
                            start["prompt_encoder.point_embeddings.2.weight"])
+
+
+@pytest.mark.heavy
+def test_a_batch_one_rank_cannot_use_is_skipped_by_every_rank(tmp_path):
+    """Two ranks of one image each, one image of the epoch unreadable: the rank holding it has
+    nothing to train on at that step. It used to sit the step out alone, so its peer's gradients
+    were averaged with those of its next batch and the ranks' step counts parted; now both skip
+    that step together, and the log counts the bad sample of either rank."""
+    from torch.utils.data import DistributedSampler
+
+    data = tmp_path / "data"
+    write_sa1b(data, 8, seed=0)
+    refs = find_samples(data)
+    # the image rank 1 reads second in epoch 0 (rank 0, which logs, has all its images)
+    order = list(DistributedSampler(range(len(refs)), num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True))
+    Path(refs[order[1]].image[0]).write_bytes(b"not a jpeg")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/train.py"), "--config", QUICK, f"data.root={data}", "train.epochs=1", "data.workers=0",
+           "data.val_root=null", "train.batch_size=1", f"output_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    # 4 batches per rank in an epoch: 3 trained in epoch 0, the fourth step comes from epoch 1
+    assert [r["epoch"] for r in steps] == [0, 0, 0, 1]
+    assert steps[1]["skipped"] == 1  # rank 1's bad sample, counted in rank 0's log
+    assert json.loads((tmp_path / "two/summary.json").read_text())["steps"] == 4

@@ -87,6 +87,32 @@ def test_bad_samples_are_skipped_with_names_or_fatal_when_strict(sa1b_root, tmp_
         strict[0]
 
 
+def _corrupt_at(root: Path, dst: Path, position: int, seed: int = 0) -> None:
+    """Copy ``root`` to ``dst`` with the image that one process's shuffled epoch 0 reads at
+    ``position`` made unreadable."""
+    from torch.utils.data import DistributedSampler
+
+    dst.mkdir()
+    for f in root.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    refs = find_samples(dst)
+    order = list(DistributedSampler(range(len(refs)), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True))
+    Path(refs[order[position]].image[0]).write_bytes(b"not a jpeg")
+
+
+def test_a_skipped_batch_still_closes_its_accumulation_window(sa1b_root, tmp_path):
+    """Gradient accumulation over 2 batches of 1 image, the second image of the epoch unreadable:
+    the first window steps with what it has; its gradient is not carried into the next window."""
+    _corrupt_at(sa1b_root, tmp_path / "bad", 1)
+    cfg = load_config(QUICK, [f"data.root={tmp_path / 'bad'}", f"output_dir={tmp_path / 'run'}", "train.epochs=1",
+                              "train.batch_size=1", "train.global_batch=2", "data.val_root=null", "data.workers=0"])
+    with pytest.warns(UserWarning, match="corrupt or unreadable image"):
+        summary = train(cfg)
+    assert summary["steps"] == 4 and summary["skipped"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "loss" in r] == [0, 0, 0, 0]  # 8 images, 4 windows of 2: all in epoch 0
+
+
 def test_truncated_tar_shard(tmp_path):
     (shard,) = write_sa1b(tmp_path, 4, images_per_shard=4)
     data = shard.read_bytes()

@@ -592,17 +592,26 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                                 pin_memory=device.type == "cuda")
             usable_batches = 0
             for batch in loader:
-                skipped_total += int(batch.pop("skipped", 0))
+                skipped = int(batch.pop("skipped", 0))
                 state["batch_in_epoch"] += 1
-                if not batch:  # every sample of this batch was bad
-                    continue
-                usable_batches += 1
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                    losses = task.losses(model, batch)
-                (losses["loss"] / accumulate).backward()
-                window.append({k: float(v.detach()) for k, v in losses.items()})
-                if state["batch_in_epoch"] % accumulate:
+                usable = bool(batch)  # False: every sample of this batch was bad
+                if world > 1:
+                    # A rank cannot sit a batch out alone: its peers' gradients would be averaged
+                    # with those of its next batch, and the ranks' step counts would part. All
+                    # ranks skip the batch together (and count the bad samples of all).
+                    counts = torch.tensor([int(usable), skipped], dtype=torch.int64, device=device)
+                    torch_dist.all_reduce(counts)
+                    usable, skipped = int(counts[0]) == world, int(counts[1])
+                skipped_total += skipped
+                if usable:
+                    usable_batches += 1
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                        losses = task.losses(model, batch)
+                    (losses["loss"] / accumulate).backward()
+                    window.append({k: float(v.detach()) for k, v in losses.items()})
+                # a skipped batch still closes its accumulation window (the step takes what it has)
+                if state["batch_in_epoch"] % accumulate or not window:
                     continue
                 if t["grad_clip"]:
                     if hasattr(optimizer, "clip_grad_norm"):
