@@ -210,10 +210,12 @@ def load_annotations(path: PathLike, kind: Optional[str] = None) -> AnnotationSe
 def image_path(image: Mapping[str, Any], images_dir: PathLike, source: str = "annotation file") -> Path:
     """The existing image file of an image record under ``images_dir``.
 
-    Tries, in order: ``file_name`` (may contain sub-folders), its basename, then the basename
-    of ``coco_url``. LVIS v1 records have only ``coco_url`` (".../val2017/000000397133.jpg"),
-    and LVIS v0.5 names files ``COCO_val2014_...`` while users hold the val2017 copies, so the
-    URL basename is the fallback that finds them.
+    Tries, in order: ``file_name`` (may contain sub-folders), its basename, then the last two
+    parts of ``coco_url`` (split folder and file, as detectron2's LVIS loader reads them), then
+    its basename. LVIS v1 records have only ``coco_url``, and most LVIS v1 val images come from
+    COCO's train2017 (".../train2017/000000000009.jpg"): ``images_dir`` = the COCO root holding
+    ``train2017/`` and ``val2017/`` finds them all. LVIS v0.5 names files ``COCO_val2014_...``
+    while users hold the val2017 copies, so the URL basename is the last fallback.
 
     Raises:
         FileNotFoundError: naming the image id, the annotation file and every path tried.
@@ -224,7 +226,8 @@ def image_path(image: Mapping[str, Any], images_dir: PathLike, source: str = "an
     if image.get("file_name"):
         names += [str(image["file_name"]), Path(str(image["file_name"])).name]
     if image.get("coco_url"):
-        names.append(str(image["coco_url"]).rstrip("/").rsplit("/", 1)[-1])
+        split_and_file = str(image["coco_url"]).rstrip("/").rsplit("/", 2)[-2:]
+        names += ["/".join(split_and_file), split_and_file[-1]]
     tried: List[Path] = []
     root = images_dir.resolve()
     for name in dict.fromkeys(names):  # ordered, without repeats

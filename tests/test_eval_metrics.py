@@ -212,6 +212,16 @@ def test_image_path_resolution(tmp_path, coco_split):
     assert image_path(v05, tmp_path) == tmp_path / "000000397133.jpg"
     (tmp_path / "COCO_val2014_000000397133.jpg").write_bytes(b"jpg")
     assert image_path(v05, tmp_path) == tmp_path / "COCO_val2014_000000397133.jpg"  # file_name first
+    # LVIS v1 val takes most images from COCO's train2017: --images the COCO root finds both splits
+    coco = tmp_path / "coco"
+    for split, name in (("train2017", "000000000009.jpg"), ("val2017", "000000397133.jpg")):
+        (coco / split).mkdir(parents=True)
+        (coco / split / name).write_bytes(b"jpg")
+    from_train = {"id": 9, "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg"}
+    assert image_path(from_train, coco) == coco / "train2017/000000000009.jpg"
+    assert image_path(v1, coco) == coco / "val2017/000000397133.jpg"
+    with pytest.raises(FileNotFoundError, match="train2017/000000000009.jpg"):
+        image_path(from_train, coco / "val2017")  # a split folder alone: the error names what it tried
 
 
 # ---------------------------------------------------------------------------------------------
