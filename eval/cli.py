@@ -77,10 +77,21 @@ def _model_and_encoder(args, device, amp):
     return sam, info, Encoder(sam, device, amp)
 
 
-def _signature(args, extra: Dict[str, Any]) -> Dict[str, Any]:
-    return {"annotations": str(Path(args.annotations).resolve()), "model": args.model,
-            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-            "keep_ratio": args.keep_ratio, "attn_backend": args.attn_backend, **extra}
+def _file_identity(path: Optional[Any]) -> Optional[Dict[str, Any]]:
+    """Path, size and modification time: a file rewritten in place (a training run's best.pth)
+    is another file to the caches."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    stat = path.stat() if path.exists() else None
+    return {"path": str(path), "bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None}
+
+
+def _signature(args, amp: bool, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """What a cache's predictions depend on: files, model, prompts, precision."""
+    return {"annotations": _file_identity(args.annotations), "model": args.model,
+            "checkpoint": _file_identity(args.checkpoint), "keep_ratio": args.keep_ratio,
+            "attn_backend": args.attn_backend, "precision": "bf16" if amp else "fp32", **extra}
 
 
 def cmd_prompts(args) -> Optional[Dict[str, Any]]:
@@ -95,7 +106,7 @@ def cmd_prompts(args) -> Optional[Dict[str, Any]]:
     sam, info, encoder = _model_and_encoder(args, device, amp)
     cache_dir = args.out.with_suffix(".cache")
     random = args.prompt == "random-points"
-    signature = _signature(args, {"prompt": args.prompt, "clicks": args.clicks if args.prompt == "point" else 1,
+    signature = _signature(args, amp, {"prompt": args.prompt, "clicks": args.clicks if args.prompt == "point" else 1,
                                   "oracle": args.oracle, "clicker": "ritm",
                                   **({"points": args.points, "seed": args.seed} if random else {})})
     cache = PredictionCache(cache_dir / f"rank{rank}.jsonl", signature, args.fresh)
@@ -155,7 +166,9 @@ def _run_sharded(image_ids: List[int], anns, images_dir, sam, encoder, cache, wo
     _barrier(world)
     if rank != 0:
         return None
-    merged = merge_caches(sorted(cache.path.parent.glob("rank*.jsonl")))
+    # this run's processes' caches only: together they hold every image of the run, and files of
+    # an earlier run with more processes may hold other settings or an older checkpoint's masks
+    merged = merge_caches([cache.path.parent / f"rank{r}.jsonl" for r in range(world)])
     for image_id in all_skipped:
         merged.pop(image_id, None)  # a file that broke after an earlier run cached it: not counted
     if all_skipped:
@@ -201,13 +214,17 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     by_image = check_detections(anns, detections, str(args.detections))
     if not by_image:
         logger.warning("%s: no detections; every AP is 0", args.detections)
-    image_ids = sorted(by_image)[: args.max_images] if args.max_images else sorted(by_image)
+    # --max-images: the first N images of the annotation file, scored on their own (an image of
+    # them without detections still counts its objects as missed)
+    subset = sorted(anns.images)[: args.max_images] if args.max_images else None
+    image_ids = sorted(by_image) if subset is None else sorted(set(by_image) & set(subset))
     for image_id in image_ids:  # LVIS keeps the top 300 per image; so do we, by score
         by_image[image_id] = sorted(by_image[image_id], key=lambda d: -float(d["score"]))[: args.max_dets]
     sam, info, encoder = _model_and_encoder(args, device, amp)
     cache_dir = args.out.with_suffix(".cache")
     cache = PredictionCache(cache_dir / f"rank{rank}.jsonl",
-                            _signature(args, {"detections": str(Path(args.detections).resolve()), "max_dets": args.max_dets}),
+                            _signature(args, amp, {"detections": _file_identity(args.detections),
+                                                   "max_dets": args.max_dets}),
                             args.fresh)
     done = _run_sharded(image_ids, anns, args.images, sam, encoder, cache,
                         lambda image_id, image: instance_image(encoder, by_image[image_id]), "instances", device, amp,
@@ -218,9 +235,14 @@ def cmd_instances(args) -> Optional[Dict[str, Any]]:
     results = [r for image_id in image_ids for r in merged.get(image_id, [])]
     if args.save_predictions:
         atomic_write_text(args.save_predictions, json.dumps(results))
+    # unreadable images (skipped, listed in the report) are left out of the scoring, not counted as misses
+    scored = None
+    if subset is not None or eff["images_skipped"]:
+        scored = [i for i in (subset if subset is not None else sorted(anns.images)) if str(i) not in eff["images_skipped"]]
     report = {"task": "instances", **info, "annotations": str(args.annotations), "detections": str(args.detections),
               "dataset": args.dataset or anns.kind, "images": len(image_ids) - len(eff["images_skipped"]),
-              "results": len(results), **evaluate_instances(anns, results, args.dataset), **eff, "processes": world}
+              "images_scored": len(scored) if scored is not None else len(anns.images), "results": len(results),
+              **evaluate_instances(anns, results, args.dataset, image_ids=scored), **eff, "processes": world}
     write_report(report, args.out, keys + ["encoder_gmacs", "images_per_s"])
     return report
 

@@ -268,7 +268,8 @@ def _gt_copy(gt: AnnotationSet, kind: str, iou_type: str) -> Dict[str, Any]:
     return data
 
 
-def _coco_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str) -> Dict[str, float]:
+def _coco_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str,
+             image_ids: Optional[List[int]] = None) -> Dict[str, float]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -277,6 +278,8 @@ def _coco_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str) ->
     coco_gt.createIndex()
     coco_dt = coco_gt.loadRes(results)
     evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+    if image_ids is not None:
+        evaluator.params.imgIds = image_ids
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
@@ -284,7 +287,8 @@ def _coco_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str) ->
     return {k: float(v) for k, v in zip(COCO_AP_KEYS, evaluator.stats[:6])}
 
 
-def _lvis_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str) -> Dict[str, float]:
+def _lvis_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str,
+             image_ids: Optional[List[int]] = None) -> Dict[str, float]:
     from lvis import LVIS, LVISEval, LVISResults
 
     class _InMemoryLVIS(LVIS):
@@ -297,12 +301,15 @@ def _lvis_ap(gt: AnnotationSet, results: List[Dict[str, Any]], iou_type: str) ->
         lvis_gt = _InMemoryLVIS(_gt_copy(gt, "lvis", iou_type))
         lvis_dt = LVISResults(lvis_gt, results)  # max_dets=300 per image: the official setting
         evaluator = LVISEval(lvis_gt, lvis_dt, iou_type=iou_type)
+        if image_ids is not None:
+            evaluator.params.img_ids = image_ids
         evaluator.run()
     return {k: float(evaluator.results[k]) for k in LVIS_AP_KEYS}
 
 
 def evaluate_instances(annotations: Union[PathLike, AnnotationSet], results: Union[PathLike, Sequence[Mapping[str, Any]]],
-                       dataset: Optional[str] = None, iou_type: str = "segm", verbose: bool = False) -> Dict[str, float]:
+                       dataset: Optional[str] = None, iou_type: str = "segm", verbose: bool = False,
+                       image_ids: Optional[Iterable[int]] = None) -> Dict[str, float]:
     """Instance-segmentation (or box) AP with the official evaluator.
 
     Args:
@@ -315,6 +322,9 @@ def evaluate_instances(annotations: Union[PathLike, AnnotationSet], results: Uni
             detections per image); None -> the kind detected from the annotation file.
         iou_type: "segm" (mask AP) or "bbox".
         verbose: let the evaluators print their progress and summary tables.
+        image_ids: score these images only (the evaluators' ``imgIds`` / ``img_ids``), e.g. the
+            subset a run covered; default every image of the annotation file, where an image
+            without results counts its objects as missed.
 
     Returns:
         {"AP", "AP50", "AP75", "APs", "APm", "APl"} (+ "APr", "APc", "APf" for LVIS) as floats
@@ -341,9 +351,18 @@ def evaluate_instances(annotations: Union[PathLike, AnnotationSet], results: Uni
         source = str(results)
         results = load_results(results)
     prepared = _prepare_results(gt, results, iou_type, source)
+    subset = None
+    if image_ids is not None:
+        subset = sorted({int(i) for i in image_ids})
+        unknown = [i for i in subset if i not in gt.images]
+        if unknown:
+            raise ResultsError(f"image_ids not in {gt.source}: {unknown[:10]}")
+        outside = sorted({r["image_id"] for r in prepared} - set(subset))
+        if outside:
+            raise ResultsError(f"{source}: results for images outside image_ids, e.g. {outside[:10]}")
     if not prepared:
         warnings.warn(f"{source}: no results to evaluate against {gt.source}; every AP is 0.0", RuntimeWarning,
                       stacklevel=2)
         return {k: 0.0 for k in keys}
     with _quiet(verbose):
-        return _lvis_ap(gt, prepared, iou_type) if kind == "lvis" else _coco_ap(gt, prepared, iou_type)
+        return _lvis_ap(gt, prepared, iou_type, subset) if kind == "lvis" else _coco_ap(gt, prepared, iou_type, subset)

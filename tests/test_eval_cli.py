@@ -69,6 +69,32 @@ def test_interrupted_run_resumes_from_cache(setup):
         _prompts(data, out, "b+t", student, "--prompt", "box", "--keep-ratio", "0.5")
 
 
+def test_caches_follow_the_checkpoint_file_and_only_this_runs_processes(setup, tmp_path):
+    """A checkpoint rewritten in place (a training run's best.pth) is another model to the cache,
+    and an earlier run's cache of a process this run does not have is not merged in."""
+    import shutil
+
+    _, data, _, student = setup
+    ckpt = tmp_path / "best.pth"
+    shutil.copy(student, ckpt)
+    out = tmp_path / "box.json"
+    first = _prompts(data, out, "b+t", ckpt, "--prompt", "box")
+    stat = ckpt.stat()
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten: a new modification time
+    with pytest.raises(ValueError, match="cached predictions were made with"):
+        _prompts(data, out, "b+t", ckpt, "--prompt", "box")
+    # a leftover rank1.jsonl (an earlier two-process run) whose masks were all wrong
+    cache = out.with_suffix(".cache")
+    lines = (cache / "rank0.jsonl").read_text().splitlines()
+    wrong = [json.loads(line) for line in lines[1:]]
+    for row in wrong:
+        for rec in row["records"]:
+            rec["iou"] = [0.0] * len(rec.get("iou", []))
+    (cache / "rank1.jsonl").write_text("\n".join([lines[0]] + [json.dumps(r) for r in wrong]) + "\n")
+    again = _prompts(data, out, "b+t", ckpt, "--prompt", "box", "--fresh")
+    assert again["mIoU"] == pytest.approx(first["mIoU"], abs=1e-9) and again["mIoU"] > 0
+
+
 def test_attention_backends_give_the_same_report(setup, tmp_path):
     """--attn-backend changes the kernels, not the masks; it is refused for stock SAM models."""
     _, data, _, student = setup
@@ -104,6 +130,22 @@ def test_instances_from_detections_and_predictions(setup, tmp_path):
     ap = run(["instances", "--annotations", data["heldout_coco"], "--predictions", str(tmp_path / "perfect.json"),
               "--out", str(tmp_path / "perfect_report.json")])
     assert ap["AP"] == pytest.approx(1.0)
+    # --max-images: the first N images of the file are scored on their own; the others' objects
+    # are not counted as missed
+    part = run(["instances", "--annotations", data["heldout_lvis"], "--images", data["heldout_images"],
+                "--detections", str(tmp_path / "dets.json"), "--model", "dense_vit_b", "--checkpoint", str(teacher),
+                "--max-images", "2", "--save-predictions", str(tmp_path / "part.json"), "--out", str(tmp_path / "part_r.json")])
+    first_two = sorted(im["id"] for im in gt["images"])[:2]
+    saved = json.loads((tmp_path / "part.json").read_text())
+    assert part["images_scored"] == 2 and {r["image_id"] for r in saved} <= set(first_two)
+    from eval.metrics import evaluate_instances
+
+    assert part["AP"] == pytest.approx(evaluate_instances(data["heldout_lvis"], saved, image_ids=first_two)["AP"])
+    perfect_two = [r for r in perfect if r["image_id"] in first_two]
+    assert evaluate_instances(data["heldout_coco"], perfect_two, image_ids=first_two)["AP"] == pytest.approx(1.0)
+    assert evaluate_instances(data["heldout_coco"], perfect_two)["AP"] < 0.9  # the other images' objects missed
+    with pytest.raises(ValueError, match="outside image_ids"):
+        evaluate_instances(data["heldout_coco"], perfect, image_ids=first_two)
 
 
 def test_bad_input_messages(setup, tmp_path, capsys):
