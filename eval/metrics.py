@@ -159,6 +159,9 @@ def _prepare_results(gt: AnnotationSet, results: Sequence[Mapping[str, Any]], io
     converted at the image's size; counts may be str or bytes) and any ``bbox`` is dropped,
     because COCO.loadRes / LVISResults take the *box* area as the detection's area when a bbox
     is present, which moves detections between the small/medium/large ranges of mask AP.
+    detectron2's COCO and LVIS evaluators drop it for the same reason (the published SAM / ViTDet
+    mask APs); a results file that keeps its bboxes, scored directly with pycocotools or lvis,
+    gives the same AP / AP50 / AP75 / APr / APc / APf but other APs / APm / APl.
     For ``bbox``: the segmentation is dropped (the evaluators would rasterise it for nothing).
     """
     check_results_format(results, source)
