@@ -87,3 +87,55 @@ def test_scheduler_scales_both_halves_and_the_state_round_trips():
     torch.testing.assert_close(again.muon.state[muon[0]]["momentum_buffer"], opt.muon.state[muon[0]]["momentum_buffer"])
     with pytest.raises(ValueError, match="another train.optimizer"):
         again.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "blvit_base_tiny_patch16_224", "vim_tiny_patch16_224"])
+def test_weight_decay_groups_are_timms(name):
+    """Biases, norms, gates and no_weight_decay() names (position tables, class tokens, Vim's A_log
+    and D) without weight decay: the same groups as timm's param_groups_weight_decay, which DeiT
+    and Vim train with; nested models (a task's wrapper) keep their own no_weight_decay()."""
+    import timm
+    from timm.optim import param_groups_weight_decay
+
+    import blvit  # noqa: F401  (registers the models)
+    from blvit.train.optim import weight_decay_groups
+
+    model = timm.create_model(name, num_classes=10)
+    ours = weight_decay_groups(model, model.parameters(), 0.05)
+    theirs = param_groups_weight_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay())
+    assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs] == [0.0, 0.05]
+    for a, b in zip(ours, theirs):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+    wrapped = nn.ModuleDict({"model": model})
+    again = weight_decay_groups(wrapped, wrapped.parameters(), 0.05)
+    assert [[id(p) for p in g["params"]] for g in again] == [[id(p) for p in g["params"]] for g in ours]
+    undecayed = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in ours[0]["params"]}}
+    assert "pos_embed" in undecayed and "cls_token" in undecayed
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_runs_take_the_weight_decay_groups(tmp_path, optimizer):
+    """tools/train.py's optimizer: AdamW (or Muon's AdamW half) in the two groups; resuming a
+    checkpoint whose optimizer had one group is refused with the reason."""
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.config import load_config
+    from blvit.utils.io import CheckpointError
+    from sam_adapter.trainer import train
+
+    write_sa1b(tmp_path / "data", 4, seed=0)
+    cfg = load_config("configs/sam/quickstart_teacher.yaml", [
+        f"data.root={tmp_path / 'data'}", "data.val_root=null", "train.max_steps=1", "train.batch_size=2",
+        f"train.optimizer={optimizer}", "train.weight_decay=0.1", f"output_dir={tmp_path / 'run'}"])
+    summary = train(cfg)
+    ckpt = tmp_path / "run/checkpoints" / (tmp_path / "run/checkpoints/latest.txt").read_text().strip()
+    saved = torch.load(ckpt, weights_only=False)
+    state = saved["train_state"]["optimizer"]
+    adamw = state["adamw"] if optimizer == "muon" else state
+    assert [g["weight_decay"] for g in adamw["param_groups"]] == [0.0, 0.1]
+    assert summary["steps"] == 1
+    # a checkpoint of the single-group era cannot resume its optimizer: a clear error, not a crash deep in torch
+    adamw["param_groups"] = [dict(adamw["param_groups"][1], params=sum((g["params"] for g in adamw["param_groups"]), []))]
+    torch.save(saved, ckpt)
+    cfg["train"]["max_steps"] = 2
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        train(cfg, resume=True)

@@ -9,6 +9,7 @@ tqdm bar, atomic checkpoints (last N and best) and exact resume (model, optimise
 EMA, RNG states and the position inside the epoch).
 """
 import contextlib
+from functools import partial
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from blvit.train.optim import MuonWithAdamW, muon_parameters
+from blvit.train.optim import MuonWithAdamW, muon_parameters, weight_decay_groups
 from blvit.utils.io import CheckpointError, atomic_save, atomic_write_text, read_checkpoint
 
 logger = logging.getLogger("blvit.train")
@@ -249,6 +250,8 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {t['betas']}")
     adamw = dict(lr=t["lr"], weight_decay=t["weight_decay"], betas=betas)  # every path below builds AdamW
+    # timm's (DeiT's, Vim's) convention: biases, norms, gates and no_weight_decay() names undecayed
+    grouped = partial(weight_decay_groups, task.module, weight_decay=t["weight_decay"])
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown train.strategy {strategy!r}; choose one of {STRATEGIES} (fairscale's sharded "
                          "optimizer is train.optimizer=oss with ddp)")
@@ -262,7 +265,7 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         else:
             shard_fully(task.module, device, uses_bf16(t, device))
             params = [p for p in task.module.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, **adamw)
+            optimizer = torch.optim.AdamW(grouped(params), **adamw)
             return task.module, optimizer, "fsdp", params
     params = [p for p in task.module.parameters() if p.requires_grad]
     name = t["optimizer"]
@@ -273,15 +276,15 @@ def _wrap(task: Task, t: Dict[str, Any], world: int, device: torch.device):
         from fairscale.nn.data_parallel import ShardedDataParallel
         from fairscale.optim.oss import OSS
 
-        optimizer = OSS(params, optim=torch.optim.AdamW, **adamw)
+        optimizer = OSS(grouped(params), optim=torch.optim.AdamW, **adamw)
         model = ShardedDataParallel(task.module, optimizer)
     elif name in ("adamw", "muon"):
         if name == "muon":
             matrices, rest = muon_parameters(task.module)
-            optimizer = MuonWithAdamW(matrices, rest, muon_lr=t["lr"] if t["muon_lr"] is None else t["muon_lr"],
+            optimizer = MuonWithAdamW(matrices, grouped(rest), muon_lr=t["lr"] if t["muon_lr"] is None else t["muon_lr"],
                                       **adamw)
         else:
-            optimizer = torch.optim.AdamW(params, **adamw)
+            optimizer = torch.optim.AdamW(grouped(params), **adamw)
         model = task.module
         if world > 1:
             model = nn.parallel.DistributedDataParallel(
@@ -488,7 +491,14 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
             if optimizer_name == "fsdp":
                 raise CheckpointError(f"{path}: a full (train.strategy=ddp) checkpoint; resume it with train.strategy=ddp")
             task.load(saved, path)
-            optimizer.load_state_dict(train_state["optimizer"])
+            try:
+                optimizer.load_state_dict(train_state["optimizer"])
+            except ValueError as err:  # torch: "... a different number of parameter groups" / sizes
+                raise CheckpointError(
+                    f"{path}: its optimizer state does not fit this run's parameter groups ({err}). Since 2026-12-07 "
+                    "biases, norms, gates and no_weight_decay() parameters form an AdamW group without weight decay "
+                    "(timm's convention), so a checkpoint of an earlier version cannot resume its optimizer; start a "
+                    "run from its weights instead") from err
         scheduler.load_state_dict(train_state["scheduler"])
         if ema is not None and "ema" in train_state:
             ema.load_state_dict(train_state["ema"])

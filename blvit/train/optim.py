@@ -16,6 +16,7 @@ optimizer for its scheduler, gradient clipping and checkpoints: :class:`MuonWith
 :class:`Muon` and ``torch.optim.AdamW`` and exposes their parameter groups (the same group
 dicts, so ``LambdaLR`` scales both learning rates) and one state dict.
 """
+import fnmatch
 import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -101,6 +102,33 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def no_weight_decay_names(module: nn.Module) -> set:
+    """Full names of the parameters that any submodule lists in its ``no_weight_decay()`` (timm's
+    model API: position tables, class tokens, bLViT's gates, Mamba's A_log and D)."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        listed = getattr(sub, "no_weight_decay", None)
+        if callable(listed):
+            names |= {f"{prefix}.{n}" if prefix else n for n in listed()}
+    return names
+
+
+def weight_decay_groups(module: nn.Module, params: Iterable[nn.Parameter], weight_decay: float) -> List[Dict[str, Any]]:
+    """``params`` of ``module`` in two AdamW groups, as timm's ``param_groups_weight_decay`` makes
+    them for DeiT's and Vim's training: no weight decay for 1-D parameters (biases, norms, 0-dim
+    gates), ``*.bias`` and the names of :func:`no_weight_decay_names`; ``weight_decay`` for the
+    rest. Empty groups are left out."""
+    wanted = {id(p) for p in params}
+    skip = no_weight_decay_names(module)
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if id(p) in wanted:
+            listed = name in skip or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)  # timm: patterns too
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or listed else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
 def muon_parameters(module: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """(matrices for Muon, the rest for AdamW) among the trainable parameters of ``module``: the
     weight of every ``nn.Linear`` whose both sides are wider than 1 is a Muon matrix."""
@@ -117,9 +145,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     group's ``initial_lr`` (``LambdaLR``) scales ``muon_lr`` and ``lr`` alike.
     """
 
-    def __init__(self, muon_params: Iterable[nn.Parameter], adamw_params: Iterable[nn.Parameter], *, lr: float,
+    def __init__(self, muon_params: Iterable[nn.Parameter], adamw_params: Iterable[Any], *, lr: float,
                  muon_lr: float, weight_decay: float, betas: Sequence[float] = (0.9, 0.999),
                  momentum: float = 0.95) -> None:
+        """``adamw_params``: parameters, or parameter groups (dicts, e.g. :func:`weight_decay_groups`)."""
         muon_params, adamw_params = list(muon_params), list(adamw_params)
         if not muon_params:
             raise ValueError("train.optimizer=muon: the model has no nn.Linear matrix for Muon")
@@ -128,7 +157,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                       if adamw_params else None)
         # The base class's bookkeeping (hooks, defaults) over all parameters; the groups themselves
         # are the inner optimizers' own dicts (see _share_groups).
-        super().__init__(muon_params + adamw_params, {"lr": lr})
+        rest = [p for g in adamw_params for p in (g["params"] if isinstance(g, dict) else [g])]
+        super().__init__(muon_params + rest, {"lr": lr})
         self._share_groups()
 
     def _inner(self) -> List[torch.optim.Optimizer]:
