@@ -48,15 +48,25 @@ def evaluate_box_miou(sam: nn.Module, dataset: SA1BDataset, device: torch.device
     sam.eval()
     image_pe = sam.prompt_encoder.get_dense_pe()
     total = torch.zeros(2, dtype=torch.float64)
-    loader = DataLoader(Subset(dataset, list(range(rank, len(dataset), world))), batch_size=batch_size,
-                        collate_fn=collate_skipping)
+    # Every rank runs the encoder equally often (under FSDP each block's forward is a collective):
+    # a shorter stride is padded with repeats that are not counted, and a batch whose samples were
+    # all bad still runs the encoder, on a blank image.
+    mine = list(range(rank, len(dataset), world))
+    padded = mine + (mine[:1] or [0]) * (-(-len(dataset) // world) - len(mine))
+    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=collate_skipping)
+    counted = set(mine)
     for batch in loader:
         if "image" not in batch:
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                sam.image_encoder(torch.zeros(1, 3, dataset.img_size, dataset.img_size, device=device))
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             embeddings = sam.image_encoder(batch["image"])
             for i in range(embeddings.shape[0]):
+                if int(batch["index"][i]) not in counted:  # a padding repeat
+                    continue
+                counted.discard(int(batch["index"][i]))
                 pick = batch["valid"][i]
                 logits, _ = predict_box_masks(sam, embeddings[i : i + 1], image_pe, batch["boxes"][i][pick])
                 target = batch["masks"][i][pick]

@@ -305,3 +305,43 @@ def test_a_batch_one_rank_cannot_use_is_skipped_by_every_rank(tmp_path):
     assert [r["epoch"] for r in steps] == [0, 0, 0, 1]
     assert steps[1]["skipped"] == 1  # rank 1's bad sample, counted in rank 0's log
     assert json.loads((tmp_path / "two/summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_validation_over_ranks_with_an_uneven_split_and_no_improvement(tmp_path, strategy):
+    """Two ranks validate 9 images (5 and 4), one of them unreadable, after every epoch of a run whose
+    score never improves (lr 0). Under FSDP the first validation came before any forward through
+    the root and stopped the run; an epoch whose score did not improve hung rank 1 in the gather of
+    best.pth's weights (only rank 0 knew the best score); and ranks running the encoder unequally
+    often hang FSDP's all-gathers. Now every rank runs the same forwards and the figure counts each
+    image once: the one-process figure."""
+    from blvit.data.sa1b import SA1BDataset
+    from blvit.train.config import load_config
+    from sam_adapter.trainer import _validation_set, build_models, evaluate_box_miou
+
+    write_sa1b(tmp_path / "data", 8, seed=0)
+    write_sa1b(tmp_path / "val", 9, seed=5)
+    Path(find_samples(tmp_path / "val")[4].image[0]).write_bytes(b"not a jpeg")
+    common = [f"data.root={tmp_path / 'data'}", f"data.val_root={tmp_path / 'val'}", "data.workers=0",
+              "train.optimizer=adamw", "train.lr=0", "train.epochs=3", "train.batch_size=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/train.py"), "--config", QUICK, *common, f"train.strategy={strategy}",
+           f"output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in rows if "val_box_miou" in r]
+    assert [(r["step"], r["epoch"]) for r in scores] == [(0, 0), (2, 0), (4, 1), (6, 2)]
+    cfg = load_config(QUICK, common + [f"output_dir={tmp_path / 'one'}"])
+    import torch
+
+    torch.manual_seed(cfg["seed"])
+    student, _ = build_models(cfg)
+    with pytest.warns(UserWarning, match="not a jpeg|unreadable|corrupt"):
+        alone = evaluate_box_miou(student, _validation_set(cfg, 256, 64, False), torch.device("cpu"), amp=False)
+    assert isinstance(_validation_set(cfg, 256, 64, False), SA1BDataset)
+    for r in scores:
+        assert r["val_masks"] == alone["val_masks"]
+        assert r["val_box_miou"] == pytest.approx(alone["val_box_miou"], abs=1e-6)

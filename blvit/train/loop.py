@@ -515,6 +515,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         if optimizer_name == "oss":
             optimizer.consolidate_state_dict(recipient_rank=0)  # collective: every rank takes part
         is_best = score is not None and score > state["best"]
+        if is_best:  # on every rank: under FSDP gathering best.pth's weights is a collective
+            state["best"] = score
         sharded = None
         if optimizer_name == "fsdp":  # collectives: every rank writes its shards, gathers best.pth's weights
             sharded = f"{tag}.dcp"
@@ -523,8 +525,6 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         if rank != 0:
             return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if is_best:
-            state["best"] = score
         train_state = {"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": rng_state(),
                        "progress": dict(state, world=world, batch_size=t["batch_size"], accumulate=accumulate),
@@ -565,18 +565,22 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     def validate() -> Dict[str, float]:
         if optimizer_name != "fsdp":
             return task.validate()
+        # FSDP initialises its units at the root's first forward; validation calls the model's parts
+        # directly (possibly before any training step), so initialise from the root first
+        task.module._get_fsdp_state()._lazy_init()
         task.module.unshard()  # the root's parameters: validation calls the model's parts directly
         try:
             return task.validate()
         finally:
             task.module.reshard()
 
-    def validate_and_save(train_loss: float) -> None:
+    def validate_and_save(train_loss: float, epoch: int) -> None:
+        """After ``epoch`` (0-based, as the training records count it)."""
         score = -train_loss
         if task.validate is not None:
             with averaged_weights(ema, ema_target):  # with train.ema_decay the average is what is scored
                 result = validate()
-            log.write({"step": state["step"], "epoch": state["epoch"], **result})
+            log.write({"step": state["step"], "epoch": epoch, **result})
             score = result[task.score_key]
         save(f"step_{state['step']}", score)
 
@@ -663,7 +667,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 completed = (state["epoch"], 0)
-            validate_and_save(last_loss)
+            validate_and_save(last_loss, epoch)
     except TrainingStopped as stopped:
         logger.warning("%s", stopped)
         bar.close()
