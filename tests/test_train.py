@@ -299,3 +299,13 @@ def test_prompt_pe_scale_scales_the_fourier_frequencies_and_survives_the_checkpo
     torch.testing.assert_close(saved, frequencies[0.5], rtol=0, atol=0)
     with pytest.raises(ValueError, match="prompt_pe_scale"):
         build_models(dict(cfg, model=dict(cfg["model"], prompt_pe_scale=0)))
+
+
+def test_an_epoch_holds_whole_accumulation_windows(sa1b_root, tmp_path):
+    """8 images in batches of 3 with 2-batch accumulation: one window per epoch, its last two
+    images dropped (as drop_last drops a partial batch), not carried into the next epoch's step."""
+    cfg = load_config(QUICK, [f"data.root={sa1b_root}", f"output_dir={tmp_path / 'run'}", "train.epochs=3",
+                              "train.batch_size=3", "train.global_batch=6", "data.val_root=null", "data.workers=0"])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3 and [r["epoch"] for r in rows if "loss" in r] == [0, 1, 2]

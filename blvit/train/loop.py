@@ -465,9 +465,12 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     dataset = task.dataset
     make_sampler = task.make_sampler or (lambda ds, world, rank, seed: DistributedSampler(
         ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True))
-    batches_per_epoch = len(make_sampler(dataset, world, rank, cfg["seed"])) // t["batch_size"]
+    # whole accumulation windows only: a remainder would carry its gradients into the next epoch's
+    # first step (drop_last at the global batch, as DistributedSampler drops at the rank's share)
+    batches_per_epoch = len(make_sampler(dataset, world, rank, cfg["seed"])) // t["batch_size"] // accumulate * accumulate
     if batches_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training samples, fewer than one global batch of {t['batch_size'] * world}")
+        raise ValueError(f"{len(dataset)} training samples, fewer than one global batch of "
+                         f"{t['batch_size'] * world * accumulate}")
     total_steps = t["max_steps"] or t["epochs"] * batches_per_epoch // accumulate
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t["warmup_steps"], total_steps, t["min_lr_ratio"]))
     ema_target = task.ema_module or task.module
