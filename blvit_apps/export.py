@@ -97,8 +97,30 @@ def export_encoder(sam, out: Path, opset: int, dynamo: bool) -> Dict[str, Any]:
     return {"file": path.name, "inputs": {"image": [1, 3, size, size]}, "outputs": names, "routed": wrapper.routed}
 
 
-def export_decoders(sam, out: Path, opset: int, dynamo: bool) -> Dict[str, Any]:
+def _dynamic_crop_onnx_model():
+    """segment-anything's ``SamOnnxModel`` with its padding crop kept dynamic in the graph.
+
+    The released 1.0 crops the upsampled masks to the resized image with ``int()`` of a tensor,
+    which the tracing exporter freezes at the example's size: every image then got the example's
+    crop (a 4:3 one) and, on any other aspect ratio, masks away from their clicks. Slicing with the
+    tensors themselves is the same computation and stays an input-dependent Slice.
+    """
+    import torch.nn.functional as F
     from segment_anything.utils.onnx import SamOnnxModel
+
+    class DynamicCropSamOnnxModel(SamOnnxModel):
+        def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+            masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            prepadded_size = self.resize_longest_image_size(orig_im_size, self.img_size)
+            masks = masks[..., : prepadded_size[0], : prepadded_size[1]]
+            orig_im_size = orig_im_size.to(torch.int64)
+            return F.interpolate(masks, size=(orig_im_size[0], orig_im_size[1]), mode="bilinear", align_corners=False)
+
+    return DynamicCropSamOnnxModel
+
+
+def export_decoders(sam, out: Path, opset: int, dynamo: bool) -> Dict[str, Any]:
+    SamOnnxModel = _dynamic_crop_onnx_model()
 
     embed_dim = sam.prompt_encoder.embed_dim
     grid = sam.prompt_encoder.image_embedding_size

@@ -240,3 +240,25 @@ def test_routed_add_exports_as_row_scatter_add_exact_with_repeated_indices(tmp_p
         for j, i in enumerate(index[b].tolist()):
             expected[b, i] += update[b, j]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("height, width", [(100, 256), (256, 100), (256, 256)])
+def test_onnx_masks_land_where_sam_predictor_puts_them_at_any_aspect_ratio(exported_bt, height, width):
+    """The exported decoder crops the padding by the image's own size: segment-anything 1.0's
+    SamOnnxModel froze the crop at the tracing example's 4:3 one, and on every other aspect ratio
+    the masks missed their prompts (IoU 0.05-0.11 with SamPredictor's). Long side 256: no resize,
+    so the two predictors see the same pixels."""
+    from blvit_deploy import OnnxSamPredictor
+    from segment_anything import SamPredictor
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    path, out, _ = exported_bt
+    image = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    onnx, stock = OnnxSamPredictor(str(out)), SamPredictor(build_sam_from_checkpoint(path))
+    onnx.set_image(image)
+    stock.set_image(image)
+    box = np.array([0.2 * width, 0.2 * height, 0.7 * width, 0.8 * height])
+    got = onnx.predict(box=box, multimask_output=False)[0][0]
+    ref = stock.predict(box=box, multimask_output=False)[0][0]
+    assert got.shape == ref.shape == (height, width)
+    assert (got & ref).sum() / max(1, (got | ref).sum()) > 0.99
