@@ -169,3 +169,34 @@ def test_merging_retraining_with_kd_from_the_unmerged_model(folder, tmp_path, na
     assert summary["steps"] == 3 and 0 < summary["final"]["distill"] < 10
     saved = torch.load(tmp_path / "run/checkpoints/best.pth", weights_only=False)
     assert saved["merge"]["method"] == merge["method"] and saved["arch"] == name
+
+
+def test_a_samples_augmentation_is_its_own_and_leaves_the_training_draws_alone(folder):
+    """Each sample's augmentation is seeded by (seed, epoch, index, rank) and so reproducible, but
+    the seeding is undone afterwards: in the main process (validation, data.workers=0) the
+    training's own draws (mixup, drop path) used to restart from the same state after every sample,
+    so every epoch replayed the same mixup draws after its validation."""
+    import random
+
+    import numpy as np
+
+    augment = build_transforms(64, True, {"auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25})
+    train = ImageFolderDataset.from_folder(folder / "train", augment)
+    val = ImageFolderDataset.from_folder(folder / "val", build_transforms(64, False, {}))
+    first = train[3]["image"]
+    draws = []
+    for state in (1, 2):  # two different training states before a validation pass
+        torch.manual_seed(state)
+        random.seed(state)
+        np.random.seed(state)
+        before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+        for i in range(len(val)):
+            val[i]
+        assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+        assert np.array_equal(np.random.get_state()[1], before[2])
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])
+    torch.rand(10)
+    assert torch.equal(train[3]["image"], first)  # the sample's own augmentation does not depend on the state
+    train.set_epoch(1)
+    assert not torch.equal(train[3]["image"], first)

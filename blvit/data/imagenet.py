@@ -6,9 +6,10 @@ randomness is seeded per sample from (seed, epoch, index, rank), so it does not 
 number of workers and a resumed run sees the same augmented images as an uninterrupted one.
 """
 import random
+from contextlib import contextmanager
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -112,10 +113,26 @@ class ImageFolderDataset(Dataset):
             warnings.warn(f"skipped: {path}: unreadable image ({err})")
             return None
         seed = int(np.random.SeedSequence((self.seed, self.epoch, index, self.rank)).generate_state(1)[0])
-        random.seed(seed)  # timm's RandAugment and random erasing draw from these
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return {"image": self.transform(image), "target": torch.tensor(target)}
+        with seeded_global_rngs(seed):
+            return {"image": self.transform(image), "target": torch.tensor(target)}
+
+
+@contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded for one sample's transform (timm's
+    RandAugment and random erasing draw from them), then restored: in the main process (validation,
+    ``data.workers=0``) the training's own draws (mixup, drop path) must not restart from the same
+    state after every sample (they did: each epoch replayed the same mixup draws)."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def take_evenly(items: List[Any], count: Optional[int]) -> List[Any]:
