@@ -309,3 +309,24 @@ def test_an_epoch_holds_whole_accumulation_windows(sa1b_root, tmp_path):
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 3 and [r["epoch"] for r in rows if "loss" in r] == [0, 1, 2]
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_used(sa1b_root, tmp_path):
+    from blvit.train.loop import lr_lambda
+
+    cfg = load_config(QUICK, [f"data.root={sa1b_root}", f"output_dir={tmp_path}", "train.max_steps=3",
+                              "train.batch_size=2", "train.warmup_steps=2", "data.val_root=null", "train.optimizer=adamw"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    schedule = lr_lambda(2, 3, cfg["train"]["min_lr_ratio"])
+    assert [r["lr"] for r in rows] == pytest.approx([cfg["train"]["lr"] * schedule(s) for s in range(3)])
+
+
+def test_take_evenly_spreads_over_the_whole_list():
+    from blvit.data.imagenet import take_evenly
+
+    classes = [c for c in range(10) for _ in range(10)]  # class-sorted, like an ImageFolder's samples
+    for count in (10, 30, 60, 99):
+        picked = take_evenly(classes, count)
+        assert len(picked) == count and set(picked) == set(range(10)), count
+    assert take_evenly(classes, None) == classes and take_evenly(classes, 500) == classes

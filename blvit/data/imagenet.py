@@ -138,9 +138,11 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
 def take_evenly(items: List[Any], count: Optional[int]) -> List[Any]:
     """At most ``count`` items spread evenly over ``items`` (all of them when ``count`` is falsy):
     the quick-check subsets of evaluation (``--max-images``, ``data.val_count``)."""
-    if not count:
+    if not count or count >= len(items):
         return items
-    return items[:: max(1, len(items) // count)][:count]
+    # evenly spaced positions over the whole list (a stride would stop early when count > len / 2,
+    # keeping only the first classes of a class-sorted list)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def batch_inputs(batch: Dict[str, torch.Tensor]) -> torch.Tensor:

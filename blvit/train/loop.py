@@ -635,6 +635,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                         optimizer.clip_grad_norm(t["grad_clip"])
                     else:
                         torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged with it)
                 optimizer.step()
                 # ShardedDataParallel reduces gradients through flat buckets that the .grad tensors
                 # are views of; setting them to None would detach the views and reduce stale buckets.
@@ -649,7 +650,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                     values = torch.tensor(list(record.values()), dtype=torch.float64, device=device)
                     torch_dist.all_reduce(values)
                     record = dict(zip(record, (values / world).tolist()))
-                record.update(step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0], skipped=skipped_total)
+                record.update(step=state["step"], epoch=epoch, lr=step_lr, skipped=skipped_total)
                 window, last_loss = [], record["loss"]
                 log.write(record)
                 if rank == 0:
