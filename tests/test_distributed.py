@@ -345,3 +345,32 @@ def test_validation_over_ranks_with_an_uneven_split_and_no_improvement(tmp_path,
     for r in scores:
         assert r["val_masks"] == alone["val_masks"]
         assert r["val_box_miou"] == pytest.approx(alone["val_box_miou"], abs=1e-6)
+
+
+@pytest.mark.heavy
+def test_two_ranks_resume_their_own_random_streams(tmp_path):
+    """Each rank draws its own corrective clicks from the global generator; the checkpoint keeps
+    every rank's random state (it kept rank 0's and gave it to all), so a two-process run resumed
+    mid-epoch gives the uninterrupted run's losses exactly."""
+    import shutil
+
+    write_sa1b(tmp_path / "data", 8, seed=0)
+    teacher = str(ROOT / "configs/sam/quickstart_teacher.yaml")
+    common = [f"data.root={tmp_path / 'data'}", "data.val_root=null", "data.workers=0", "train.epochs=2",
+              "train.batch_size=1", "train.save_every=1", "loss.click_rounds=1", "loss.refine_rounds=1",
+              "data.max_masks=8", "train.optimizer=adamw", "train.keep_last=10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tools/train.py"), "--config", teacher, *common, f"output_dir={tmp_path / out}", *extra]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("full")
+    (tmp_path / "part/checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full/checkpoints/step_2.pth", tmp_path / "part/checkpoints/step_2.pth")
+    (tmp_path / "part/checkpoints/latest.txt").write_text("step_2.pth")
+    torchrun("part", "--resume")
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert len(full) == 8 and part == full[2:]

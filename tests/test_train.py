@@ -151,6 +151,30 @@ def test_resume_gives_the_same_weights(sa1b_root, tmp_path, optimizer):
     assert (ckpts / "best.pth").exists() and (tmp_path / "part/loss_curve.png").exists()
 
 
+def test_resume_mid_epoch_continues_the_random_stream(sa1b_root, tmp_path):
+    """SAM's corrective clicks and mask-only rounds draw from the global generator: a run resumed
+    from a mid-epoch checkpoint gives the uninterrupted run's losses and weights exactly (starting
+    the epoch's loader used to take one draw more after the restored state)."""
+    from conftest import interrupted_copy
+
+    teacher = Path(__file__).resolve().parents[1] / "configs/sam/quickstart_teacher.yaml"
+
+    def cfg(out, *extra):
+        return load_config(teacher, [f"data.root={sa1b_root}", f"output_dir={out}", "train.epochs=2",
+                                     "train.batch_size=2", "train.save_every=1", "data.val_root=null",
+                                     "loss.click_rounds=1", "loss.refine_rounds=1", "data.max_masks=2", *extra])
+
+    train(cfg(tmp_path / "full", "train.keep_last=10"))
+    ckpts = interrupted_copy(tmp_path / "full", tmp_path / "part", step=2)
+    train(cfg(tmp_path / "part"), resume=True)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for run in ("full", "part")]
+    assert len(losses[0]) == 8 and losses[1] == losses[0][2:]  # the resumed run logs steps 3..8
+    a = torch.load(tmp_path / "full/checkpoints/step_8.pth", weights_only=True)["model"]
+    b = torch.load(ckpts / "step_8.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs/sam").glob("*.yaml")))
 def test_recipes_are_valid_configs(recipe):
     from sam_adapter.config import make_config

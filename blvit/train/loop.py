@@ -9,6 +9,7 @@ tqdm bar, atomic checkpoints (last N and best) and exact resume (model, optimise
 EMA, RNG states and the position inside the epoch).
 """
 import contextlib
+import io
 from functools import partial
 import json
 import logging
@@ -505,7 +506,10 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         scheduler.load_state_dict(train_state["scheduler"])
         if ema is not None and "ema" in train_state:
             ema.load_state_dict(train_state["ema"])
-        set_rng_state(train_state["rng"])
+        # each rank continues its own random stream (clicks, dropout and drop path differ by rank);
+        # a checkpoint of another world size (elastic resume) or of before 2026-12-07 has rank 0's only
+        per_rank = train_state.get("rng_per_rank")
+        set_rng_state(per_rank[rank] if per_rank is not None and len(per_rank) == world else train_state["rng"])
         state = _elastic_progress(train_state["progress"], world, t["batch_size"], accumulate, path)
         if rank == 0:
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, state["step"], state["epoch"],
@@ -517,6 +521,16 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
         """score: higher is better, decides best.pth; None for a periodic save."""
         if optimizer_name == "oss":
             optimizer.consolidate_state_dict(recipient_rank=0)  # collective: every rank takes part
+        own = rng_state()
+        rng_states = [own]
+        if world > 1:  # collective: every rank's random state goes into the checkpoint (as torch.save bytes:
+            # tensors that all_gather_object unpickles do not torch.save back loadably)
+            buffer = io.BytesIO()
+            torch.save(own, buffer)
+            blobs: List[Any] = [None] * world
+            torch_dist.all_gather_object(blobs, buffer.getvalue())
+            rng_states = [torch.load(io.BytesIO(b), weights_only=False) for b in blobs]
+            rng_states[rank] = own
         is_best = score is not None and score > state["best"]
         if is_best:  # on every rank: under FSDP gathering best.pth's weights is a collective
             state["best"] = score
@@ -529,7 +543,7 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
             return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         train_state = {"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(),
+                       "rng": rng_states[0], "rng_per_rank": rng_states,
                        "progress": dict(state, world=world, batch_size=t["batch_size"], accumulate=accumulate),
                        "config": cfg}
         if ema is not None:
@@ -608,7 +622,12 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                                 num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
                                 pin_memory=device.type == "cuda")
             usable_batches = 0
-            for batch in loader:
+            # starting an epoch's loader draws its worker seed from the global generator: drawn
+            # aside, so that a run resumed mid-epoch continues the same stream (the samples are
+            # seeded by their own index)
+            with torch.random.fork_rng(devices=[]):
+                batches = iter(loader)
+            for batch in batches:
                 skipped = int(batch.pop("skipped", 0))
                 state["batch_in_epoch"] += 1
                 usable = bool(batch)  # False: every sample of this batch was bad
