@@ -149,6 +149,36 @@ def test_cli_not_an_image_and_bad_checkpoint(capsys, tmp_path):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
 
 
+def test_images_are_read_as_a_viewer_shows_them(tmp_path, capsys, monkeypatch):
+    """A phone photo's EXIF orientation is applied (a click read off a viewer lands where it points),
+    a 16-bit greyscale PNG is scaled to 8 bits (not clipped white), and an image too thin for the
+    model's input is one clear error; the evaluation reads the stored pixels, as annotated."""
+    from blvit_apps.demo import cli
+    from blvit_deploy.images import read_image
+
+    stored = np.zeros((100, 200, 3), np.uint8)
+    stored[:, :50] = 255  # the stored left quarter is white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = read_image(tmp_path / "phone.jpg", exif_transpose=True)
+    assert shown.shape == (200, 100, 3) and shown[:40, :, 0].mean() > 200 and shown[-40:, :, 0].mean() < 50
+    assert read_image(tmp_path / "phone.jpg").shape == (100, 200, 3)  # evaluation: as stored
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth16.png")
+    grey = read_image(tmp_path / "depth16.png")
+    assert grey.shape == (64, 64, 3) and grey.min() == 0 and grey.max() == 255
+    assert abs(float(grey.mean()) - 127.5) < 2  # not clipped at 255
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((600, 1, 3), np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--image", "strip.png", "--point", "0,300"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-model warning
+    assert exit_info.value.code == 2 and last.startswith("blvit-demo: error: image 1x600 is too thin"), last
+
+
 # ---------------------------------------------------------------- command line: runs
 
 

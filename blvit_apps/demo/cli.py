@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .core import (PHOTO_NOTE, SAMPLE_IMAGES, DemoInputError, check_prompts, has_routing, load_demo_model, mask_record, parse_box,
+from .core import (PHOTO_NOTE, SAMPLE_IMAGES, DemoInputError, check_encodable, check_prompts, has_routing, load_demo_model, mask_record, parse_box,
                    parse_point, predict, routing_maps, sample_image)
 
 PROG = "blvit-demo"
@@ -108,7 +108,7 @@ def _read_image(args: argparse.Namespace) -> np.ndarray:
 
     if not args.image.is_file():
         raise DemoInputError(f"--image {args.image}: no such file")
-    return read_image(args.image)  # ValueError naming the file if it is not an image
+    return read_image(args.image, exif_transpose=True)  # ValueError naming the file if it is not an image
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -131,6 +131,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _everything(sam, image: np.ndarray, args: argparse.Namespace, device) -> Dict[str, Any]:
     from segment_anything import SamAutomaticMaskGenerator
+
+    check_encodable(image, sam.image_encoder.img_size)
 
     points = args.points_per_side or (32 if device.type == "cuda" else 8)
     generator = SamAutomaticMaskGenerator(sam, points_per_side=points, pred_iou_thresh=args.pred_iou_thresh,
@@ -176,6 +178,7 @@ def _prompted(sam, image: np.ndarray, coords, labels, box, args: argparse.Namesp
         from segment_anything import SamPredictor
 
         predictor = SamPredictor(sam)
+    check_encodable(image, predictor.img_size if args.backend == "onnx" else predictor.transform.target_length)
     start = time.perf_counter()
     predictor.set_image(image)
     encoder_s = time.perf_counter() - start

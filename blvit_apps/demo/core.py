@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from blvit_deploy.images import to_rgb
+
 QUICKSTART_ENV = "BLVIT_QUICKSTART_DIR"
 QUICKSTART_RUNS = Path("runs/quickstart")  # the quick start's default --runs, relative to the current directory
 STUDENT_CHECKPOINT = Path("student/checkpoints/best.pth")
@@ -204,7 +206,7 @@ def decode_image(payload: bytes, name: str = "upload", max_pixels: Optional[int]
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} megapixels; "
                                     f"the limit is {max_pixels / 1e6:g} (blvit-demo --serve --max-megapixels)")
-            image = np.asarray(im.convert("RGB"))
+            image = to_rgb(im, exif_transpose=True)
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as err:
@@ -216,6 +218,16 @@ def decode_image(payload: bytes, name: str = "upload", max_pixels: Optional[int]
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise DemoInputError(f"{name}: image has no pixels")
     return image
+
+
+def check_encodable(image: np.ndarray, img_size: int) -> None:
+    """DemoInputError if resizing the long side to the model's ``img_size`` (SAM's
+    ResizeLongestSide) would leave the short side no pixel (a 1 x 600 strip at 256 px)."""
+    h, w = image.shape[:2]
+    scale = img_size / max(h, w)
+    if min(int(h * scale + 0.5), int(w * scale + 0.5)) < 1:
+        raise DemoInputError(f"image {w}x{h} is too thin for the model's {img_size}-pixel input: its short side "
+                             f"would be resized to 0 pixels (crop or pad it to a wider aspect ratio)")
 
 
 def _number(text: str, what: str) -> float:

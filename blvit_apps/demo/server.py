@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from . import web_runtime
-from .core import (SAMPLE_IMAGES, DemoInputError, ImageTooLarge, check_prompts, decode_image, mask_png, mask_record,
+from .core import (SAMPLE_IMAGES, DemoInputError, ImageTooLarge, check_encodable, check_prompts, decode_image, mask_png, mask_record,
                    predict, sample_image)
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class DemoService:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key], True
+            check_encodable(image, self.predictor.transform.target_length)
             start = time.perf_counter()
             self.predictor.set_image(image)
             elapsed = (time.perf_counter() - start) * 1000
