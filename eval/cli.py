@@ -311,17 +311,19 @@ def cmd_table(args) -> Optional[Dict[str, Any]]:
     return report
 
 
-def cmd_imagenet(args) -> Dict[str, Any]:
+def cmd_imagenet(args) -> Optional[Dict[str, Any]]:
     from .imagenet import markdown_rows, run_imagenet, write_figure
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world, rank, device = _dist()
     amp = device.type == "cuda" and not args.fp32
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     rows = run_imagenet(args.data, args.split, args.model, args.dense_checkpoint, args.img_size, args.batch_size,
-                        args.workers, args.max_images, kwargs, device, amp)
+                        args.workers, args.max_images, kwargs, device, amp, world, rank)
+    if rank != 0:  # every rank has the figures; rank 0 writes them
+        return None
     report = {"task": "imagenet", "data": str(args.data), "split": args.split, "models": rows,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "dtype": "bf16" if amp else "float32"}
+              "dtype": "bf16" if amp else "float32", "processes": world}
     for r in rows:  # plain keys for the first model, as the other subcommands have
         report.setdefault("top1", r["top1"])
         report.setdefault("top5", r["top5"])

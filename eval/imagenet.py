@@ -68,9 +68,12 @@ def model_input_size(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, amp: bool, batch_size: int,
-                        workers: int, desc: str) -> Dict[str, Any]:
+                        workers: int, desc: str, world: int = 1) -> Dict[str, Any]:
     """Top-1/top-5 (%) and throughput (images or clip views per second from the median batch
-    time, first batch left out) on images, clips, or several views per clip (logits averaged)."""
+    time, first batch left out) on images, clips, or several views per clip (logits averaged).
+
+    ``world`` > 1 (torchrun): ``dataset`` is this rank's share; the counts are summed over the
+    ranks (every rank returns the whole set's figures) and images/s is the ranks' sum."""
     from blvit.train.classification import view_averaged_logits
 
     model.eval().to(device)
@@ -96,16 +99,29 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, a
         correct1 += int((top5[:, 0] == target).sum())
         correct5 += int((top5 == target[:, None]).any(-1).sum())
         seen += len(target)
+    times = seconds[1:] if len(seconds) > 1 else seconds
+    speed = float(1.0 / np.median(times)) if times else None
+    if world > 1:
+        import torch.distributed as torch_dist
+
+        counts = torch.tensor([correct1, correct5, seen, skipped], dtype=torch.float64,
+                              device=device if torch_dist.get_backend() == "nccl" else "cpu")
+        torch_dist.all_reduce(counts)
+        correct1, correct5, seen, skipped = (int(v) for v in counts.tolist())
+        speeds: List[Any] = [None] * world
+        torch_dist.all_gather_object(speeds, speed)
+        speed = float(sum(v for v in speeds if v is not None)) or None
     if seen == 0:
         raise ValueError("no readable validation sample")
-    times = seconds[1:] if len(seconds) > 1 else seconds
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen, "skipped": skipped,
-            "images_per_s": float(1.0 / np.median(times))}
+            "images_per_s": speed}
 
 
 def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint: Optional[str], img_size: Optional[int],
                  batch_size: int, workers: int, max_images: Optional[int], kwargs: Dict[str, Any],
-                 device: torch.device, amp: bool) -> List[Dict[str, Any]]:
+                 device: torch.device, amp: bool, world: int = 1, rank: int = 0) -> List[Dict[str, Any]]:
+    """One row per model spec; under torchrun each rank evaluates every world-th image (the
+    figures are the whole set's on every rank)."""
     from blvit.train.classification import create_classifier
 
     train_root = Path(data) / "train"
@@ -119,8 +135,9 @@ def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint:
         model = create_classifier(name, dict(kwargs, **own_kwargs), dense_checkpoint if uses_dense else None, checkpoint)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = own_kwargs.get("img_size") or img_size or model_input_size(model)
-        dataset = ImageFolderDataset(samples, classes, build_transforms(size, False, {}, cfg.get("mean"), cfg.get("std")))
-        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label)
+        dataset = ImageFolderDataset(samples[rank::world], classes,
+                                     build_transforms(size, False, {}, cfg.get("mean"), cfg.get("std")))
+        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label, world)
         macs = module_macs_on_meta(model, (1, 3, size, size))
         rows.append({"model": label, "arch": name, "family": model_family(name),
                      "checkpoint": checkpoint or (dense_checkpoint if uses_dense else None),

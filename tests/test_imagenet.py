@@ -200,3 +200,29 @@ def test_a_samples_augmentation_is_its_own_and_leaves_the_training_draws_alone(f
     assert torch.equal(train[3]["image"], first)  # the sample's own augmentation does not depend on the state
     train.set_epoch(1)
     assert not torch.equal(train[3]["image"], first)
+
+
+@pytest.mark.heavy
+def test_imagenet_eval_under_torchrun_splits_the_images(folder, tmp_path):
+    """blvit-eval imagenet over two processes: each evaluates every second image, the counts are
+    summed (the one-process top-1 / top-5 over the same images), and only rank 0 writes the
+    report. It used to run the whole set on every rank and write it twice."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=64).state_dict(), tmp_path / "deit.pth")
+    common = ["imagenet", "--data", str(folder), "--model", f"deit_tiny_patch16_224:{tmp_path / 'deit.pth'}", "--model-kwargs",
+              '{"num_classes": 4, "img_size": 64}', "--img-size", "64", "--workers", "0", "--batch-size", "8"]
+    one = run(common + ["--out", str(tmp_path / "one.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/eval.py"), *common, "--out", str(tmp_path / "two.json")]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and two["models"][0]["images"] == one["models"][0]["images"] == 48
+    assert two["top1"] == pytest.approx(one["top1"]) and two["top5"] == pytest.approx(one["top5"])
