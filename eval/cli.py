@@ -337,16 +337,18 @@ def cmd_imagenet(args) -> Optional[Dict[str, Any]]:
     return report
 
 
-def cmd_video(args) -> Dict[str, Any]:
+def cmd_video(args) -> Optional[Dict[str, Any]]:
     from .video import markdown_video_rows, run_video
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world, rank, device = _dist()
     amp = device.type == "cuda" and not args.fp32
     rows = run_video(args.data, args.list, args.model, args.num_frames, args.clips, args.crops, args.img_size,
-                     args.sampling, args.batch_size, args.workers, args.max_videos, device, amp, args.strict)
+                     args.sampling, args.batch_size, args.workers, args.max_videos, device, amp, args.strict, world, rank)
+    if rank != 0:  # every rank has the figures; rank 0 writes them
+        return None
     report = {"task": "video", "data": str(args.data), "list": args.list, "models": rows,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "dtype": "bf16" if amp else "float32", "top1": rows[0]["top1"], "top5": rows[0]["top5"]}
+              "dtype": "bf16" if amp else "float32", "top1": rows[0]["top1"], "top5": rows[0]["top5"], "processes": world}
     write_report(report, args.out, table=markdown_video_rows(rows))
     return report
 

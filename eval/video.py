@@ -19,7 +19,8 @@ def video_macs(model: torch.nn.Module) -> int:
 
 def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int, clips: int, crops: int, img_size: int,
               sampling: str, batch_size: int, workers: int, max_videos: Optional[int], device: torch.device,
-              amp: bool, strict: bool = False) -> List[Dict[str, Any]]:
+              amp: bool, strict: bool = False, world: int = 1, rank: int = 0) -> List[Dict[str, Any]]:
+    """One row per model spec; under torchrun each rank evaluates every world-th video."""
     from blvit.data.imagenet import take_evenly
     from blvit.data.video import VideoClipDataset
     from blvit.train.classification import create_classifier
@@ -29,12 +30,12 @@ def run_video(data: Path, list_name: str, specs: Sequence[str], num_frames: int,
     dataset = VideoClipDataset.from_list(Path(data) / list_name, data, strict=strict, num_frames=num_frames,
                                          img_size=img_size, training=False, test_clips=clips, test_crops=crops,
                                          sampling=sampling)
-    dataset.samples = take_evenly(dataset.samples, max_videos)
+    dataset.samples = take_evenly(dataset.samples, max_videos)[rank::world]
     rows = []
     for spec in specs:
         label, name, kwargs, checkpoint = parse_classifier_spec(spec)
         model = create_classifier(name, dict({"num_frames": num_frames, "img_size": img_size}, **kwargs), None, checkpoint)
-        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label)
+        result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label, world)
         result["videos"], result["clips_per_s"] = result.pop("images"), result.pop("images_per_s")
         rows.append({"model": label, "checkpoint": checkpoint, **result, "views": f"{clips} x {crops}",
                      "gmacs_per_view": video_macs(model) / 1e9, "num_frames": num_frames, "input_size": img_size})
