@@ -226,3 +226,24 @@ def test_imagenet_eval_under_torchrun_splits_the_images(folder, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["processes"] == 2 and two["models"][0]["images"] == one["models"][0]["images"] == 48
     assert two["top1"] == pytest.approx(one["top1"]) and two["top5"] == pytest.approx(one["top5"])
+
+
+def test_repeated_augmentation_copies_on_one_rank_are_augmented_apart(folder):
+    """timm's RepeatAugSampler on 2 processes gives one rank two of a sample's three copies; with
+    the seed (seed, epoch, index, rank) they were bit-identical. NumberedRepeats numbers them and
+    the dataset seeds each copy apart; first copies keep their augmentation."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    from blvit.data.imagenet import NumberedRepeats
+
+    augment = build_transforms(64, True, {"auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25})
+    train = ImageFolderDataset.from_folder(folder / "train", augment)
+    sampler = NumberedRepeats(RepeatAugSampler(train, num_replicas=2, rank=0, shuffle=True), len(train))
+    sampler.set_epoch(0)
+    indices = list(sampler)
+    assert len(indices) == len(sampler.sampler)
+    second = next(i for i in indices if i >= len(train))
+    first = second % len(train)
+    assert first in indices
+    assert not torch.equal(train[first]["image"], train[second]["image"])
+    assert torch.equal(train[first]["image"], train[first]["image"])

@@ -103,6 +103,8 @@ class ImageFolderDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
+        # index + k * len: the k-th copy of a sample on this rank (NumberedRepeats), augmented apart
+        copy, index = divmod(index, len(self.samples))
         path, target = self.samples[index]
         try:
             with Image.open(path) as im:
@@ -112,9 +114,33 @@ class ImageFolderDataset(Dataset):
                 raise ImageFolderError(f"{path}: unreadable image ({err})") from err
             warnings.warn(f"skipped: {path}: unreadable image ({err})")
             return None
-        seed = int(np.random.SeedSequence((self.seed, self.epoch, index, self.rank)).generate_state(1)[0])
+        key = (self.seed, self.epoch, index, self.rank) + ((copy,) if copy else ())
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
         with seeded_global_rngs(seed):
             return {"image": self.transform(image), "target": torch.tensor(target)}
+
+
+class NumberedRepeats:
+    """A sampler whose indices may repeat on one rank (timm's ``RepeatAugSampler`` on 2 GPUs gives
+    one rank two of a sample's three copies), with each repeat numbered: the k-th copy of index
+    ``i`` is yielded as ``i + k * size``, which :class:`ImageFolderDataset` decodes into its own
+    augmentation seed, so the two copies differ (they were bit-identical)."""
+
+    def __init__(self, sampler: Any, size: int) -> None:
+        self.sampler, self.size = sampler, size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        copies: Dict[int, int] = {}
+        for index in self.sampler:
+            k = copies.get(index, 0)
+            copies[index] = k + 1
+            yield index + k * self.size
 
 
 @contextmanager

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import blvit  # noqa: F401,I001  (registers this toolkit's timm models)
-from blvit.data.imagenet import (ImageFolderDataset, batch_inputs, build_transforms, collate_classification,
-                                 scan_imagefolder, take_evenly)
+from blvit.data.imagenet import (ImageFolderDataset, NumberedRepeats, batch_inputs, build_transforms,
+                                 collate_classification, scan_imagefolder, take_evenly)
 
 from .loop import Task, dist_info, run, seed_everything, uses_bf16
 
@@ -270,7 +270,9 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
 
     def make_sampler(dataset, world_, rank_, seed):
         if d["repeated_aug"] and world_ > 1:
-            return RepeatAugSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True)
+            repeats = RepeatAugSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True)
+            # numbered copies: a rank's two copies of a sample get two augmentations (ImageFolderDataset decodes them)
+            return NumberedRepeats(repeats, len(dataset)) if isinstance(dataset, ImageFolderDataset) else repeats
         from torch.utils.data import DistributedSampler
 
         return DistributedSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True, seed=seed, drop_last=True)
