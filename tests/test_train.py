@@ -354,3 +354,9 @@ def test_take_evenly_spreads_over_the_whole_list():
         picked = take_evenly(classes, count)
         assert len(picked) == count and set(picked) == set(range(10)), count
     assert take_evenly(classes, None) == classes and take_evenly(classes, 500) == classes
+
+
+def test_keep_last_below_one_is_refused(sa1b_root, tmp_path):
+    cfg = load_config(QUICK, [f"data.root={sa1b_root}", f"output_dir={tmp_path}", "train.keep_last=0", "data.val_root=null"])
+    with pytest.raises(ValueError, match="train.keep_last=0"):
+        train(cfg)

@@ -460,6 +460,8 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
     out_dir = Path(cfg["output_dir"])
     ckpt_dir = out_dir / "checkpoints"
     accumulate = accumulation_steps(t, world)
+    if int(t["keep_last"]) < 1:  # 0 would delete the checkpoint just written, leaving latest.txt pointing at nothing
+        raise ValueError(f"train.keep_last={t['keep_last']}: keep at least the last checkpoint (1 or more)")
     amp = uses_bf16(t, device)
     task.module.to(device)
     model, optimizer, optimizer_name, params = _wrap(task, t, world, device)
