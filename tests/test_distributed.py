@@ -22,6 +22,16 @@ def _losses(out_dir: Path):
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _torchrun_train(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """tools/train.py over two gloo processes of one thread each; asserts that it succeeded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tools/train.py"), "--config", config, *args]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("optimizer", ["adamw", "oss", "muon"])
 def test_two_process_training_matches_one_process(tmp_path, optimizer):
@@ -178,11 +188,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_consolidates(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tools/train.py"), "--config", QUICK, *common, f"output_dir={tmp_path / out}", *extra]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
+        return _torchrun_train(QUICK, *common, f"output_dir={tmp_path / out}", *extra)
 
     torchrun("ddp", "train.max_steps=4")
     torchrun("fsdp_straight", "train.max_steps=4", "train.strategy=fsdp")
@@ -254,12 +260,7 @@ def test_ranks_whose_batches_draw_different_prompt_kinds_train_as_one_process(tm
               "data.val_root=null", "data.max_masks=1", "data.box_fraction=0.5", "loss.click_rounds=0",
               "train.optimizer=adamw"]
     train(load_config(teacher, common + ["train.batch_size=2", f"output_dir={tmp_path / 'one'}"]))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools/train.py"), "--config", teacher, *common, "train.batch_size=1",
-           f"output_dir={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_train(teacher, *common, "train.batch_size=1", f"output_dir={tmp_path / 'two'}")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == steps
     assert two == pytest.approx(one, rel=1e-4)
@@ -293,12 +294,8 @@ def test_a_batch_one_rank_cannot_use_is_skipped_by_every_rank(tmp_path):
     # the image rank 1 reads second in epoch 0 (rank 0, which logs, has all its images)
     order = list(DistributedSampler(range(len(refs)), num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True))
     Path(refs[order[1]].image[0]).write_bytes(b"not a jpeg")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools/train.py"), "--config", QUICK, f"data.root={data}", "train.epochs=1", "data.workers=0",
-           "data.val_root=null", "train.batch_size=1", f"output_dir={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_train(QUICK, f"data.root={data}", "train.epochs=1", "data.workers=0", "data.val_root=null",
+                    "train.batch_size=1", f"output_dir={tmp_path / 'two'}")
     rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     # 4 batches per rank in an epoch: 3 trained in epoch 0, the fourth step comes from epoch 1
@@ -325,12 +322,7 @@ def test_validation_over_ranks_with_an_uneven_split_and_no_improvement(tmp_path,
     Path(find_samples(tmp_path / "val")[4].image[0]).write_bytes(b"not a jpeg")
     common = [f"data.root={tmp_path / 'data'}", f"data.val_root={tmp_path / 'val'}", "data.workers=0",
               "train.optimizer=adamw", "train.lr=0", "train.epochs=3", "train.batch_size=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools/train.py"), "--config", QUICK, *common, f"train.strategy={strategy}",
-           f"output_dir={tmp_path / 'run'}"]
-    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_train(QUICK, *common, f"train.strategy={strategy}", f"output_dir={tmp_path / 'run'}", timeout=300)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     scores = [r for r in rows if "val_box_miou" in r]
     assert [(r["step"], r["epoch"]) for r in scores] == [(0, 0), (2, 0), (4, 1), (6, 2)]
@@ -359,13 +351,9 @@ def test_two_ranks_resume_their_own_random_streams(tmp_path):
     common = [f"data.root={tmp_path / 'data'}", "data.val_root=null", "data.workers=0", "train.epochs=2",
               "train.batch_size=1", "train.save_every=1", "loss.click_rounds=1", "loss.refine_rounds=1",
               "data.max_masks=8", "train.optimizer=adamw", "train.keep_last=10"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tools/train.py"), "--config", teacher, *common, f"output_dir={tmp_path / out}", *extra]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        _torchrun_train(teacher, *common, f"output_dir={tmp_path / out}", *extra)
 
     torchrun("full")
     (tmp_path / "part/checkpoints").mkdir(parents=True)
