@@ -624,10 +624,10 @@ def run(task: Task, cfg: Dict[str, Any], world: int, rank: int, device: torch.de
                                 num_workers=cfg["data"]["workers"], collate_fn=task.collate, drop_last=True,
                                 pin_memory=device.type == "cuda")
             usable_batches = 0
-            # starting an epoch's loader draws its worker seed from the global generator: drawn
-            # aside, so that a run resumed mid-epoch continues the same stream (the samples are
-            # seeded by their own index)
-            with torch.random.fork_rng(devices=[]):
+            # Starting an epoch's loader draws its worker seed from the global generator. A run
+            # resumed mid-epoch restored the state saved after that draw: it draws aside, so that it
+            # continues the uninterrupted run's stream (the samples are seeded by their own index).
+            with torch.random.fork_rng(devices=[], enabled=state["batch_in_epoch"] > 0):
                 batches = iter(loader)
             for batch in batches:
                 skipped = int(batch.pop("skipped", 0))
