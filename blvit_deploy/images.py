@@ -1,12 +1,18 @@
 """Reading images for inference: PIL only (no torch), shared by the evaluation and the demo."""
 from pathlib import Path
-from typing import Union
+from typing import Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's modes of 16- and 32-bit single-channel images (a 16-bit greyscale PNG opens as one)
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def resize_longest_side(height: int, width: int, size: int) -> Tuple[int, int]:
+    """(new_h, new_w) with the long side ``size``: segment-anything's ``ResizeLongestSide``."""
+    scale = size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def to_rgb(im: Image.Image, exif_transpose: bool = False) -> np.ndarray:

@@ -7,11 +7,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-
-def resize_longest_side(height: int, width: int, size: int) -> Tuple[int, int]:
-    """(new_h, new_w) with the long side ``size``: segment-anything's ``ResizeLongestSide``."""
-    scale = size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+from .images import resize_longest_side
 
 
 class OnnxSamPredictor:

@@ -615,3 +615,16 @@ def test_overlay_blends_masks_into_one_image_in_order():
     assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
     assert np.array_equal(out[0, 0], only_first) and np.array_equal(out[1, 0], both)
     assert np.array_equal(out[3, 0], [100, 100, 100])
+
+
+def test_image_reading_needs_no_onnxruntime():
+    """ONNX Runtime is an optional extra: the evaluation and the demo read images through
+    blvit_deploy.images, which must import without it (the package used to import its ONNX
+    predictor, and with it onnxruntime, on any import)."""
+    script = ("import sys; sys.modules['onnxruntime'] = None\n"
+              "import blvit_deploy.images, eval.sam_eval, blvit_apps.demo.core\n"
+              "from blvit_deploy import read_image, resize_longest_side\n"
+              "assert resize_longest_side(1, 600, 256) == (0, 256)\n"
+              "try:\n    from blvit_deploy import OnnxSamPredictor\nexcept ImportError:\n    print('lazy')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "lazy", result.stderr[-2000:]

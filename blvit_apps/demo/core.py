@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from blvit_deploy.images import to_rgb
+from blvit_deploy.images import resize_longest_side, to_rgb
 
 QUICKSTART_ENV = "BLVIT_QUICKSTART_DIR"
 QUICKSTART_RUNS = Path("runs/quickstart")  # the quick start's default --runs, relative to the current directory
@@ -224,8 +224,7 @@ def check_encodable(image: np.ndarray, img_size: int) -> None:
     """DemoInputError if resizing the long side to the model's ``img_size`` (SAM's
     ResizeLongestSide) would leave the short side no pixel (a 1 x 600 strip at 256 px)."""
     h, w = image.shape[:2]
-    scale = img_size / max(h, w)
-    if min(int(h * scale + 0.5), int(w * scale + 0.5)) < 1:
+    if min(resize_longest_side(h, w, img_size)) < 1:
         raise DemoInputError(f"image {w}x{h} is too thin for the model's {img_size}-pixel input: its short side "
                              f"would be resized to 0 pixels (crop or pad it to a wider aspect ratio)")
 
