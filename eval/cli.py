@@ -31,6 +31,7 @@ from blvit.layers import ATTENTION_BACKENDS
 from blvit.utils.io import atomic_write_text
 
 from .annotations import AnnotationError, load_annotations
+from .distributed import gather, sum_or_none
 from .metrics import ResultsError, evaluate_instances, load_results, summarize_miou
 
 logger = logging.getLogger("blvit.eval")
@@ -161,8 +162,8 @@ def _run_sharded(image_ids: List[int], anns, images_dir, sam, encoder, cache, wo
 
     skipped = run_images(image_ids[rank::world], anns, Path(images_dir), encoder, cache, work, desc, rank == 0, strict)
     eff = efficiency(sam, encoder, device, amp)
-    speeds = _gather(eff["images_per_s"], world)
-    all_skipped = {k: v for part in _gather(skipped, world) for k, v in part.items()}
+    speeds = gather(eff["images_per_s"], world)
+    all_skipped = {k: v for part in gather(skipped, world) for k, v in part.items()}
     _barrier(world)
     if rank != 0:
         return None
@@ -173,23 +174,8 @@ def _run_sharded(image_ids: List[int], anns, images_dir, sam, encoder, cache, wo
         merged.pop(image_id, None)  # a file that broke after an earlier run cached it: not counted
     if all_skipped:
         logger.warning("%d images skipped (unreadable); listed under images_skipped in the report", len(all_skipped))
-    return merged, {**eff, "images_per_s": _sum_or_none(speeds),
+    return merged, {**eff, "images_per_s": sum_or_none(speeds),
                     "images_skipped": {str(k): v for k, v in sorted(all_skipped.items())}}
-
-
-def _gather(value: Any, world: int) -> List[Any]:
-    """This process's ``value``, from every process (rank order)."""
-    if world == 1:
-        return [value]
-    out: List[Any] = [None] * world
-    torch_dist.all_gather_object(out, value)
-    return out
-
-
-def _sum_or_none(values: List[Optional[float]]) -> Optional[float]:
-    """All processes together encode this many images per second."""
-    known = [v for v in values if v is not None]
-    return float(sum(known)) if known else None
 
 
 def cmd_instances(args) -> Optional[Dict[str, Any]]:

@@ -13,6 +13,8 @@ from blvit.data.imagenet import (ImageFolderDataset, batch_inputs, build_transfo
                                  scan_imagefolder, take_evenly)
 from blvit.flops import module_macs_on_meta
 
+from .distributed import gather, sum_or_none
+
 
 def parse_model_spec(spec: str):
     """``NAME`` or ``NAME:CHECKPOINT`` (the checkpoint may itself contain ':' only after the first)."""
@@ -102,15 +104,9 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, a
     times = seconds[1:] if len(seconds) > 1 else seconds
     speed = float(1.0 / np.median(times)) if times else None
     if world > 1:
-        import torch.distributed as torch_dist
-
-        counts = torch.tensor([correct1, correct5, seen, skipped], dtype=torch.float64,
-                              device=device if torch_dist.get_backend() == "nccl" else "cpu")
-        torch_dist.all_reduce(counts)
-        correct1, correct5, seen, skipped = (int(v) for v in counts.tolist())
-        speeds: List[Any] = [None] * world
-        torch_dist.all_gather_object(speeds, speed)
-        speed = float(sum(v for v in speeds if v is not None)) or None
+        parts = gather((correct1, correct5, seen, skipped, speed), world)
+        correct1, correct5, seen, skipped = (sum(part[i] for part in parts) for i in range(4))
+        speed = sum_or_none([part[4] for part in parts])
     if seen == 0:
         raise ValueError("no readable validation sample")
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen, "skipped": skipped,
