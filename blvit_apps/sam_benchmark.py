@@ -129,12 +129,17 @@ def predictor_latency(encoder: nn.Module, img_size: int, device: torch.device, a
     predictor = SamPredictor(sam)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (img_size * 3 // 4, img_size, 3), dtype=np.uint8)
-    point = np.array([[img_size / 2, img_size * 3 / 8]])
+    point = predictor.transform.apply_coords_torch(
+        torch.tensor([[[img_size / 2, img_size * 3 / 8]]], device=device), image.shape[:2])
+    label = torch.ones(1, 1, dtype=torch.int, device=device)
 
     def once():
+        # predict_torch, not predict: predict converts its bf16 outputs to numpy, which has no bf16
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
             predictor.set_image(image)
-            predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
+            masks, iou, low = predictor.predict_torch(point, label, multimask_output=True)
+        # what predict hands back: the results on the host, as numbers numpy can hold
+        masks.cpu(), iou.float().cpu(), low.float().cpu()
 
     return statistics.median(time_call(once, device, repeats, warmup))
 

@@ -56,3 +56,15 @@ def test_bench_onnxruntime_backend_with_op_profile(tmp_path):
     # the routed graph: top-k selection, row gathers and the row scatter-add of the P-block results
     assert {"TopK", "Gather", "ScatterND"} <= set(ops) and "ScatterElements" not in ops
     assert all(t >= 0 for t in ops.values()) and sum(ops.values()) > 0
+
+
+def test_predictor_latency_under_bf16_autocast():
+    """The GPU default (bf16 autocast, predictor column on), run with CPU autocast: the predictor's
+    bf16 outputs must not reach numpy (which has no bf16)."""
+    import torch
+
+    from blvit_apps.sam_benchmark import predictor_latency
+
+    encoder = build_encoders(["b+t@0.25"], 64)["b+t@0.25"]
+    seconds = predictor_latency(encoder, 64, torch.device("cpu"), amp=True, repeats=1, warmup=0)
+    assert seconds > 0
