@@ -212,8 +212,15 @@ def test_area_targets_are_each_cells_object_share(tmp_path):
                     for kind in ("binary", "area"))
     n = int(binary["valid"].sum())
     soft, hard = area["masks"][:n], binary["masks"][:n]
-    assert ((soft > 0) & (soft < 1)).any()  # edge cells are fractions of 1/16
-    torch.testing.assert_close(soft * 16, (soft * 16).round())
+    assert ((soft > 0) & (soft < 1)).any()  # edge cells are fractions
+    # exact area shares: each object's cells hold its area in the resized image (4 x 4 pixels a cell)
+    dataset = SA1BDataset(refs, img_size=256, max_masks=4)
+    image, masks = dataset.load(refs[0])
+    scale = (int(area["input_hw"][0]) / image.shape[0]) * (int(area["input_hw"][1]) / image.shape[1])
+    if len(masks) <= 4:
+        expected = sorted(float(m.sum()) * scale for m in masks)
+        got = sorted(float(x) * 16 for x in soft.sum((1, 2)))
+        assert got == pytest.approx(expected, rel=0.01)  # PIL's box filter, to within its rounding
     assert hard.dtype == torch.bool and soft.dtype == torch.float32
     assert torch.equal(hard, soft >= 0.5)
     torch.testing.assert_close(mask_iou(hard * 20.0 - 10, soft), torch.ones(n))
@@ -223,6 +230,38 @@ def test_area_targets_are_each_cells_object_share(tmp_path):
     assert full_area.dtype == torch.bool and torch.equal(full_area, full_binary)
     with pytest.raises(ValueError, match="mask_targets"):
         SA1BDataset(refs, img_size=256, mask_targets="soft")
+
+
+def test_thin_and_small_objects_keep_a_target_under_their_prompt(tmp_path):
+    """A 2-pixel pole and a 5 x 5 object in a 1500 x 2250 photo trained at 256 px: no 4 x 4 cell
+    is half covered, yet the target is not empty (it would teach an empty mask for a prompt on the
+    object); it holds the object's most-covered cells, under its point prompt."""
+    import numpy as np
+
+    from blvit.data.sa1b import mask_target
+
+    pole = np.zeros((2250, 1500), bool)
+    pole[500:1500, 700:702] = True
+    speck = np.zeros((2250, 1500), bool)
+    speck[100:105, 200:205] = True
+    dataset = SA1BDataset([], img_size=256, max_masks=2, box_noise=0.0, box_fraction=0.0, mask_targets="binary")
+    image = np.zeros((2250, 1500, 3), np.uint8)
+    item = dataset.prepare(image, [pole, speck], np.random.default_rng(0))
+    targets, points = item["masks"], item["points"]
+    assert bool(item["valid"].all()) and targets.dtype == torch.bool
+    for slot in range(2):
+        assert int(targets[slot].sum()) >= 1
+        x, y = (points[slot, 0] // 4).long().tolist()
+        assert bool(targets[slot, y, x])
+    # the pole is one cell column over its height (about 114 input pixels: 28-29 cells)
+    assert 25 <= int(targets[0].sum()) <= 31 and int(targets[0].any(0).sum()) == 1
+    # area targets hold the true share; half-covered cells decide as before for larger objects
+    share = mask_target(pole, (256, 171), 256, 64, binary=False)
+    assert float(share.sum()) * 16 == pytest.approx(2 * 1000 * (256 / 2250) * (171 / 1500), rel=0.05)
+    block = np.zeros((2250, 1500), bool)
+    block[:900, :600] = True
+    assert np.array_equal(mask_target(block, (256, 171), 256, 64, binary=True),
+                          mask_target(block, (256, 171), 256, 64, binary=False) >= 0.5)
 
 
 def test_box_noise_is_capped_at_20_pixels_of_a_1024_input(tmp_path):

@@ -245,10 +245,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             boxes[slot] = (box + noise).clip(0, [rw, rh] * 2)
             k = rng.integers(len(xs))
             points[slot, 0] = self.transform.apply_coords(np.array([[xs[k], ys[k]]], np.float32), original)[0]
-            full = np.zeros((s, s), np.float32)
-            full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST)) > 127
-            share = full.reshape(low, stride, low, stride).mean(axis=(1, 3))
-            targets[slot] = share >= 0.5 if binary else share
+            targets[slot] = mask_target(mask, (rh, rw), s, low, binary)
             valid[slot] = True
         return {
             "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
@@ -260,6 +257,33 @@ class SA1BDataset(torch.utils.data.Dataset):
             # (h, w) of the resized image inside the padded input: clicks never land on the padding
             "input_hw": torch.tensor([rh, rw]),
         }
+
+
+def mask_target(mask: np.ndarray, resized_hw: Tuple[int, int], input_size: int, low: int, binary: bool) -> np.ndarray:
+    """One object's training target on the (low, low) grid of the padded input.
+
+    Each cell's share of object pixels is the exact area share (the mask box-filtered to the
+    resized image, then averaged over the cell), so thin and small objects keep their share
+    instead of vanishing in a nearest-neighbour resize. ``binary``: cells at least half covered;
+    an object that covers no cell by half (a pole, a wire, a few pixels) keeps its most-covered
+    cells (those at half its highest share or more), so that its prompt never points at an empty target.
+
+    Args:
+        mask: (H, W) bool at the image's resolution; resized_hw: (rh, rw) of the resized image.
+    Returns:
+        (low, low) bool (``binary``) or float32 shares in [0, 1].
+    """
+    rh, rw = resized_hw
+    stride = input_size // low
+    full = np.zeros((input_size, input_size), np.float32)
+    full[:rh, :rw] = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((rw, rh), Image.BOX))
+    share = full.reshape(low, stride, low, stride).mean(axis=(1, 3)).clip(0.0, 1.0)
+    if not binary:
+        return share
+    target = share >= 0.5
+    if not target.any() and share.max() > 0:
+        target = share >= 0.5 * share.max()
+    return target
 
 
 def collate_skipping(batch: List[Optional[Dict[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
