@@ -90,3 +90,24 @@ def test_flex_backend_under_torch_compile():
         reference = set_attention_backend(encoder, "sdpa")(x)
         out = torch.compile(set_attention_backend(encoder, "flex"), dynamic=False)(x)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_every_attention_input_in_bf16(monkeypatch):
+    """Under autocast the windowed layers' q/k/v stay bf16: a float32 bias added after the bf16
+    projection used to promote them (a float32 copy of q/k/v per windowed layer on GPUs)."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    x = torch.randn(1, 3, TINY["img_size"], TINY["img_size"])
+    for encoder in _encoders().values():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            set_attention_backend(encoder, "sdpa")(x)
+    assert len(seen) >= 4
+    assert all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen

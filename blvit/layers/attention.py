@@ -177,7 +177,9 @@ class Attention(nn.Module):
         # Project first, pad after, then add the bias: a zero padding token then carries exactly
         # the bias, as in SAM (which pads before projecting), without projecting the padding.
         t = window_partition(t, grid, window_size)
-        return t if bias is None else t + bias
+        # the bias in the projection's dtype: under autocast F.linear gives bf16, and a float32
+        # bias would promote the whole q/k/v of every windowed layer back to float32
+        return t if bias is None else t + bias.to(t.dtype)
 
     def forward(
         self,
