@@ -10,8 +10,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from blvit.utils.io import CheckpointError, PathLike, read_checkpoint, unwrap_state_dict
 
-from .checkpoint import FORMAT, load_blvit_sam_checkpoint, load_checked, load_e_blocks_from_sam, load_sam_checkpoint
-from .config import DENSE_SOURCE, BigLittleSamConfig, make_config
+from .checkpoint import (FORMAT, load_blvit_sam_checkpoint, load_checked, load_e_blocks_from_sam, load_sam_checkpoint,
+                         stored_config)
+from .config import DENSE_SOURCE, RUNTIME_FIELDS, BigLittleSamConfig, make_config
 from .image_encoder import BigLittleImageEncoder
 from .token_reduction import TokenReductionImageEncoder
 
@@ -101,7 +102,8 @@ def build_sam_blvit(
             ``sam_vit_h_4b8939.pth`` for h+b): its encoder initialises the dense layers and
             P-blocks; its prompt encoder and mask decoder are kept.
         keep_ratio: fraction of tokens per window the P-blocks process (EViT / Evo-ViT: kept
-            per stage / slow tokens); None: the variant's default (0.25 for b+t and h+b).
+            per stage / slow tokens); None: the ratio stored in ``checkpoint`` (as are its
+            other runtime fields, ``RUNTIME_FIELDS``), else the variant's default (0.25 for b+t and h+b).
         e_checkpoint: a SAM file of the E-block width (ViT-B for h+b) to initialise E-blocks.
         prompt_pe_scale: std of the prompt encoder's random Fourier frequencies when it starts
             from scratch (SAM: 1); a checkpoint's own frequencies replace them.
@@ -111,6 +113,11 @@ def build_sam_blvit(
     """
     if keep_ratio is not None:
         overrides["keep_ratio"] = keep_ratio
+    saved = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        # the runtime knobs it was trained with (keep ratio, ToMe's r), unless the call sets them
+        stored = stored_config(saved, checkpoint)
+        overrides = {**{k: getattr(stored, k) for k in RUNTIME_FIELDS}, **overrides}
     config = make_config(variant, **overrides)
     sam = build_sam_from_config(config, prompt_pe_scale)
     if sam_checkpoint is not None:
@@ -119,7 +126,7 @@ def build_sam_blvit(
     if e_checkpoint is not None:
         load_e_blocks_from_sam(sam.image_encoder, e_checkpoint)
     if checkpoint is not None:
-        load_blvit_sam_checkpoint(sam, checkpoint)
+        load_blvit_sam_checkpoint(sam, checkpoint, saved)
     return sam.eval()
 
 
@@ -130,7 +137,7 @@ def build_sam_from_checkpoint(checkpoint: PathLike, keep_ratio: Optional[float] 
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint}: not a checkpoint of this toolkit (no format={FORMAT!r} field); "
                               "official SAM files go to build_sam_stock / sam_model_registry")
-    config = BigLittleSamConfig(**obj["config"])
+    config = stored_config(obj, checkpoint)
     if keep_ratio is not None:
         config = dataclasses.replace(config, keep_ratio=keep_ratio)
     sam = build_sam_from_config(config)

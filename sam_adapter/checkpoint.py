@@ -1,4 +1,5 @@
 """Loading official SAM checkpoints into bLViT-SAM, and this toolkit's own checkpoints."""
+import dataclasses
 import logging
 from typing import Dict, List, Mapping, Optional
 
@@ -19,6 +20,10 @@ FORMAT_VERSION = 1
 def _is_new_parameter(key: str) -> bool:
     """Parameters a dense SAM checkpoint cannot provide: E-blocks, gammas, predictors."""
     return ".e_block." in key or ".gamma_" in key or key.startswith("predictors.")
+
+
+def e_block_name(layer: int, name: str) -> str:
+    return f"blocks.{layer}.e_block.{name}"
 
 
 def describe_encoder_state(encoder_state: Mapping[str, torch.Tensor]) -> str:
@@ -100,6 +105,11 @@ def load_e_blocks_from_sam(encoder: nn.Module, path: PathLike) -> Dict[str, List
                 if name.startswith("mlp.lin") and src_key in source and source[src_key].shape == param.shape:
                     param.copy_(source[src_key])
                 elif name.startswith("attn.rel_pos") and src_key in source:
+                    if source[src_key].shape[1] != param.shape[1]:
+                        raise CheckpointError(
+                            f"{path}: {src_key} has heads {source[src_key].shape[1]} wide, the E-blocks' "
+                            f"{e_block_name(layer, name)} {param.shape[1]} (e_embed_dim / e_num_heads "
+                            f"{config.e_embed_dim} / {config.e_num_heads}); give e_num_heads so the widths match")
                     param.copy_(resize_rel_pos(source[src_key].float(), param.shape[0]))
                 else:
                     kept.append(f"blocks.{layer}.e_block.{name}")
@@ -117,15 +127,33 @@ def save_blvit_sam_checkpoint(sam: nn.Module, path: PathLike, extra: Optional[di
     atomic_save(payload, path)
 
 
-def load_blvit_sam_checkpoint(sam: nn.Module, path: PathLike) -> Dict:
-    """Load a checkpoint written by :func:`save_blvit_sam_checkpoint` into a matching model."""
-    obj = read_checkpoint(path)
+def stored_config(obj: Mapping, path: PathLike) -> BigLittleSamConfig:
+    """The encoder config saved in a checkpoint of this toolkit; a config this version cannot
+    read (a field it does not know, an invalid layout) is an error naming the file."""
     if obj.get("format") != FORMAT:
-        if any(k.startswith("image_encoder.") for k in obj):
+        if any(str(k).startswith("image_encoder.") for k in obj):
             raise CheckpointError(f"{path}: a plain SAM state dict, not a bLViT-SAM checkpoint; pass it as sam_checkpoint=")
         raise CheckpointError(f"{path}: not a bLViT-SAM checkpoint (no format={FORMAT!r} field)")
+    saved = obj.get("config")
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{path}: a bLViT-SAM checkpoint without its encoder config")
+    known = {f.name for f in dataclasses.fields(BigLittleSamConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: its encoder config has fields this blvit version does not know: {unknown} "
+                              "(written by another version of the toolkit?)")
+    try:
+        return BigLittleSamConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its saved encoder config is invalid: {err}") from err
+
+
+def load_blvit_sam_checkpoint(sam: nn.Module, path: PathLike, obj: Optional[Mapping] = None) -> Dict:
+    """Load a checkpoint written by :func:`save_blvit_sam_checkpoint` into a matching model
+    (``obj``: the file's contents if already read)."""
+    obj = read_checkpoint(path) if obj is None else obj
     config: BigLittleSamConfig = sam.image_encoder.config
-    stored = BigLittleSamConfig(**obj["config"])
+    stored = stored_config(obj, path)
     diff = [
         f"{k}: checkpoint {v!r} vs requested {config.architecture()[k]!r}"
         for k, v in stored.architecture().items()

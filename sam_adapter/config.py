@@ -1,6 +1,6 @@
 """Configuration of the bLViT-SAM image encoder and the named variants."""
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Optional, Tuple
 
 from blvit.layout import layout_problems, variant_config
 
@@ -76,8 +76,31 @@ class BigLittleSamConfig:
                 problems.append(f"merge_r {self.merge_r} must be >= 0")
             if not 0.0 <= self.score_momentum < 1.0:
                 problems.append(f"score_momentum {self.score_momentum} must be in [0, 1)")
+        if (self.blvit_layers or self.reduction) and self.window_size < 1:
+            # stock SAM reads window_size 0 as "every layer global"; routing and reduction pick per window
+            problems.append(f"window_size {self.window_size} must be >= 1 for big.LITTLE layers and token "
+                            "reduction (they select tokens per window; list global layers in global_attn_indexes)")
+        problems += self._unused_fields()
         if problems:
             raise ValueError(f"invalid bLViT-SAM config {self.name!r}: " + "; ".join(problems))
+
+    def _unused_fields(self) -> List[str]:
+        """Fields set away from their default where this layout never reads them (a typo'd
+        experiment would otherwise run the default silently). keep_ratio is left out: callers
+        pass one for every variant, and the dense and ToMe layouts ignore it by design."""
+        unused = []
+        if not self.blvit_layers:
+            unused += ["fusion", "router_score", "e_num_heads", "e_mlp_ratio"]
+        if self.reduction != "tome":
+            unused.append("merge_r")
+        if self.reduction != "evovit":
+            unused.append("score_momentum")
+        if not self.reduction:
+            unused.append("reduction_layers")
+        defaults = {f.name: f.default for f in fields(self)}
+        return [f"{name}={getattr(self, name)!r} has no effect on this layout ("
+                + (f"reduction {self.reduction!r}" if self.reduction else "bLViT" if self.blvit_layers else "dense")
+                + ")" for name in unused if getattr(self, name) != defaults[name]]
 
     @property
     def grid_size(self) -> int:

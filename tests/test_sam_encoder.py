@@ -196,6 +196,51 @@ def test_blvit_checkpoint_roundtrip_and_wrong_variant(tmp_path, tiny_blvit_sam):
         build_sam_blvit("b+t", checkpoint=sam_file, **TINY_BT)
 
 
+def test_checkpoint_brings_its_keep_ratio_and_a_foreign_config_names_the_file(tmp_path, tiny_blvit_sam):
+    """build_sam_blvit(checkpoint=) runs at the keep ratio the checkpoint was saved with (not the
+    variant's 0.25) unless the call gives one; a saved config this version cannot read is a
+    CheckpointError naming the file."""
+    from sam_adapter.build import build_sam_from_checkpoint
+
+    tiny_blvit_sam.image_encoder.config.keep_ratio = 0.5
+    path = tmp_path / "half.pth"
+    save_blvit_sam_checkpoint(tiny_blvit_sam, path)
+    assert build_sam_blvit("b+t", checkpoint=path, **TINY_BT).image_encoder.config.keep_ratio == 0.5
+    assert build_sam_blvit("b+t", checkpoint=path, keep_ratio=0.25, **TINY_BT).image_encoder.config.keep_ratio == 0.25
+    assert build_sam_from_checkpoint(path).image_encoder.config.keep_ratio == 0.5
+    obj = torch.load(path, weights_only=False)
+    obj["config"]["semi_cross"] = True
+    foreign = tmp_path / "newer.pth"
+    torch.save(obj, foreign)
+    for load in (lambda: build_sam_from_checkpoint(foreign), lambda: build_sam_blvit("b+t", checkpoint=foreign, **TINY_BT)):
+        with pytest.raises(CheckpointError, match=r"newer.pth: its encoder config has fields .*\['semi_cross'\]"):
+            load()
+
+
+def test_settings_a_layout_never_reads_are_refused():
+    with pytest.raises(ValueError, match="merge_r=3 has no effect on this layout \\(bLViT\\)"):
+        make_config("b+t", merge_r=3)
+    with pytest.raises(ValueError, match="score_momentum=0.9 has no effect.*'evit'"):
+        make_config("evit-b", score_momentum=0.9)
+    with pytest.raises(ValueError, match="e_num_heads=6 has no effect on this layout \\(dense\\)"):
+        make_config("vit_b", e_num_heads=6)
+    with pytest.raises(ValueError, match="window_size 0 must be >= 1"):
+        make_config("b+t", window_size=0)
+    make_config("vit_b", window_size=0)  # stock SAM: every layer global
+    make_config("tome-b", keep_ratio=1.0)  # callers pass a keep ratio to every variant
+
+
+def test_e_block_head_width_mismatch_names_the_file(tmp_path):
+    torch.manual_seed(2)
+    small_b = stock_sam(32, 4, 2, (1, 3), img_size=256)  # heads 16 wide
+    path = tmp_path / "sam_b_small.pth"
+    torch.save(small_b.state_dict(), path)
+    with pytest.raises(CheckpointError, match="sam_b_small.pth: blocks.0.attn.rel_pos_h has heads 16 wide.*e_num_heads"):
+        build_sam_blvit("h+b", e_checkpoint=path, img_size=256, embed_dim=64, depth=6, num_heads=4,
+                        global_attn_indexes=(2, 5), e_embed_dim=32, e_num_heads=4, blvit_layers=range(2, 6),
+                        e_block_layers=(2, 3, 4, 5), predictor_layers=(2,))
+
+
 def test_e_blocks_from_vit_b_file(tmp_path):
     torch.manual_seed(2)
     small_b = stock_sam(32, 4, 2, (1, 3), img_size=256)
