@@ -141,14 +141,15 @@ def benchmark_model(name: str, batch: int, img_size: int, repeats: int, warmup: 
             "scan_gflops": 2 * macs["scan"] / 1e9,
             "tokens_final": _final_tokens(model, spec["method"], base_tokens),
         }
-    _remove(model, spec["method"])
+    # read the settings of the timed merged run before _remove uninstalls them (after it, token_merge
+    # is None and the report would show compare None whatever the run used)
     settings: Dict[str, Any] = {"r": r}
     if spec["method"] == "rmeeto":
-        settings.update(layers=list(model.token_merge.layers) if model.token_merge is not None else
-                        list(range(2, len(model.layers) - 1, 2)), order="restore", metric="hidden",
-                        compare=model.token_merge.compare if model.token_merge is not None else None)
+        merge = model.token_merge
+        settings.update(layers=list(merge.layers), order=merge.order, metric=merge.metric, compare=merge.compare)
     else:
         settings.update(prop_attn=True)
+    _remove(model, spec["method"])
     out = {
         "model": name, "timm_name": spec["timm"], "method": spec["method"], "settings": settings,
         "baseline": rows["baseline"], "merged": rows["merged"],

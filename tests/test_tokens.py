@@ -256,6 +256,58 @@ def test_rmeeto_r0_identity_and_removal():
         assert torch.equal(model(x), ref)
 
 
+def test_rmeeto_r0_has_no_released_compare_override():
+    """r=0 is the unmerged baseline of an r sweep even on the released layout (24 blocks, merges at
+    2, ..., 22), where compare 11 ("released", or explicit as in the configs) would otherwise merge
+    at block 22; r > 0 keeps the released override there."""
+    import timm
+
+    torch.manual_seed(0)
+    # the released layout at a tiny size: 16 patch tokens + the class token, 24 blocks
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, depth=24, embed_dim=16,
+                              num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for compare in ("released", 11):
+            apply_rmeeto(model, r=0, compare=compare)
+            assert model.token_merge.compare is None
+            assert torch.equal(model(x), ref)
+            assert model.token_merge.token_counts == [17] * 24
+        apply_rmeeto(model, r=[0] * 11)  # the per-layer form too
+        assert model.token_merge.compare is None and torch.equal(model(x), ref)
+        # r = 1: 17 -> 16 -> ... -> 7 at block 20, then the released override at block 22: down to
+        # 17 - 11 * 11 < 0 tokens, r capped at half of the 6 patch tokens -> 4
+        apply_rmeeto(model, r=1)
+        model(x)
+    assert model.token_merge.compare == 11
+    assert model.token_merge.token_counts[20:] == [7, 7, 4, 4]
+
+
+def test_rmeeto_shuffled_source_records_every_shuffle():
+    """order="shuffled" with trace_source: the source map follows the shuffles (the first merge block's
+    included), so each token's covered patches are the ones whose content it carries."""
+    from blvit.tokens.rmeeto import RMeeToMerge
+
+    torch.manual_seed(0)
+    t, pos = 17, 8  # 16 patches + the middle class token
+    hidden = torch.randn(2, t, 6)
+    patch_id = torch.arange(16, dtype=torch.float32)
+    ids = torch.cat([patch_id[:pos], torch.tensor([-1.0]), patch_id[pos:]])  # the patch each token is
+    residual = ids[None, :, None].repeat(2, 1, 3)  # carries the patch id; merged as a size-weighted mean
+    merge = RMeeToMerge([1, 1], layers=[0, 1], order="shuffled", shuffle_rate=1.0, trace_source=True)
+    h, res = hidden, residual
+    for layer in range(3):
+        h, res, pos = merge(layer, h, res, pos)
+    source = merge.source  # (B, tokens - 1, patches)
+    assert source.shape == (2, 14, 16)
+    assert torch.equal(source.sum(1), torch.ones(2, 16))  # a partition of the patches
+    carried = _cut_cls(res, pos)[..., 0]  # (B, tokens - 1): mean patch id of each token's content
+    expected = (source @ patch_id) / source.sum(-1)  # mean id of the patches the map names
+    torch.testing.assert_close(carried, expected)
+    assert torch.equal(source.sum(-1, keepdim=True), merge.size)
+
+
 def test_rmeeto_counts_and_class_position():
     model = apply_rmeeto(_tiny_vim(), r=2, layers=[1, 2], trace_source=True)
     with torch.no_grad():
@@ -526,6 +578,20 @@ def test_save_merge_map(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Benchmark
 # ----------------------------------------------------------------------------------------------
+
+
+def test_benchmark_reports_the_settings_of_the_timed_run():
+    """The row's settings are those the merged model ran with (read before the merging is removed):
+    the released compare 11 on Vim's 24-block layout, none for the r=0 baseline."""
+    from blvit_apps.merging_benchmark import benchmark_model
+
+    kw = dict(batch=1, img_size=64, repeats=1, warmup=0, device=torch.device("cpu"), amp="fp32")
+    row = benchmark_model("vim_tiny", r=1, **kw)  # 16 patch tokens + the class token, 24 blocks
+    assert row["settings"] == {"r": 1, "layers": list(range(2, 23, 2)), "order": "restore", "metric": "hidden",
+                               "compare": 11}
+    assert row["merged"]["tokens_final"] == 4  # 17 -> 7 at block 20, then the override: 4
+    row = benchmark_model("vim_tiny", r=0, **kw)
+    assert row["settings"]["compare"] is None and row["merged"]["tokens_final"] == 17
 
 
 def test_benchmark_tiny_cpu_run(tmp_path):

@@ -27,7 +27,10 @@ Two token schedules (``compare``):
   before any merge, 11 = the number of merges in the released layout; r there capped at half the
   patch tokens, as the released code caps it). For Vim-Ti (r=5) that is 197 -> ... -> 147 -> 76 at
   block 22, which is what the released Vim-Ti checkpoints were trained and evaluated with; for
-  Vim-S/B (r=11) it changes nothing (76 either way). Our default.
+  Vim-S/B (r=11) it changes nothing (76 either way). Our default. Not applied when r is 0 at
+  every merge block: the released formula (``image_task/R_MeeTo/RMeeTo_vim.py``,
+  ``RMeeToBlock.forward``: ``num_prune = L - (197 - 11 * self.compare)``) would still merge 98
+  tokens at block 22 then, but r=0 here is the unmerged model (the baseline of an r sweep).
 - the paper's text (``compare=None``): r at every merge block, 197 -> 142 for Vim-Ti (what the
   released FLOP counter reports, since it ignores ``compare``).
 
@@ -165,7 +168,10 @@ class RMeeToMerge:
         self.order = order
         self.metric = metric
         self.trace_source = trace_source
-        self.compare = None if compare is None else int(compare)
+        # r = 0 everywhere is the unmerged baseline of an r sweep: no compare override either, or the
+        # released formula alone would still merge at the last merge block (Vim: 197 -> 99 at block 22)
+        no_merge = not any(self.r_per_layer.values())
+        self.compare = None if compare is None or no_merge else int(compare)
         self.shuffle_rate = float(shuffle_rate)
         self.reset()
 
@@ -219,10 +225,18 @@ class RMeeToMerge:
         self.size, self.source = apply(self.size), apply(self.source)
         return apply(patches), apply(residual)
 
-    def _merge(self, hidden, residual, pos, r):
+    def _merge(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], pos: int,
+               r: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """Merge ``r`` of the patch tokens of ``hidden`` / ``residual`` (B, t, C), class token at ``pos``
+        cut out and re-inserted; returns them (B, t - r, C) and the class token's new index."""
         t = hidden.shape[1]
         patches, cls = _cut(hidden, pos)
         res_patches, res_cls = _cut(residual, pos) if residual is not None else (None, None)
+        if self.trace_source and self.source is None:
+            # identity (B, patches, patches) before the first shuffle, so that the shuffle is recorded
+            # too (merge_source would start it only after, attributing shuffled tokens to wrong patches)
+            n, p = patches.shape[:2]
+            self.source = torch.eye(p, device=patches.device, dtype=torch.float32)[None].expand(n, p, p).contiguous()
         if self.order == "shuffled" and self.shuffle_rate > 0:
             patches, res_patches = self._shuffle(patches, res_patches)
         metric = res_patches if (self.metric == "residual" and res_patches is not None) else patches
@@ -258,10 +272,13 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
 
     Args:
         r: tokens merged per merge layer (int, or one value per entry of ``layers``); default
-            :func:`default_r` (5 for Vim-Ti, 11 for Vim-S/B). ``r=0`` leaves the model's function
-            unchanged. At most half of the patch tokens entering a block can merge there; a larger
-            r raises ``ValueError`` (here, from the model's patch count, and at run time) instead
-            of being silently capped, as does any other form of r (ToMe's ``(r, inflect)``, floats).
+            :func:`default_r` (5 for Vim-Ti, 11 for Vim-S/B). ``r=0`` (at every merge layer) leaves
+            the model's function unchanged (with ``order="shuffled"`` and ``shuffle_rate > 0`` the
+            shuffle still runs): no ``compare`` override is applied then, whatever ``compare`` says,
+            although the released formula alone would merge at the last merge block. At most half
+            of the patch tokens entering a block can merge there; a larger r raises ``ValueError``
+            (here, from the model's patch count, and at run time) instead of being silently capped,
+            as does any other form of r (ToMe's ``(r, inflect)``, floats).
         layers: 0-based indices of the blocks at whose input tokens are merged; default every
             second block from 2 (2, 4, ..., 22 for depth 24).
         order: "restore" (R-MeeTo), "unordered" (the no-order ablation) or "shuffled" (the shuffle
@@ -273,7 +290,8 @@ def apply_rmeeto(model: nn.Module, r: Optional[Union[int, Sequence[int]]] = None
             Default "released": 11 (the released scripts' value) for "restore" / "unordered" on
             the released layout (24 blocks, merges at 2, 4, ..., 22); None for "shuffled" (the
             released shuffle model has no such override) and for other layouts (the released
-            formula hard-codes that layout's 197 tokens and 11 merges).
+            formula hard-codes that layout's 197 tokens and 11 merges). Ignored (None) when r is 0
+            at every merge layer, so that r=0 is the unmerged model.
         shuffle_rate: fraction of the patch tokens permuted at each merge block ("shuffled" only).
     """
     if not hasattr(model, "token_merge") or not hasattr(model, "layers"):
