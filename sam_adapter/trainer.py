@@ -22,7 +22,7 @@ from sam_adapter.checkpoint import FORMAT, FORMAT_VERSION, load_checked, load_sa
 from blvit.train.losses import MASK_LOSS_OPTIONS, distillation_loss, mask_iou, upsample_logits
 from blvit.train.sam_prompts import interactive_losses
 from blvit.train.loop import Task, dist_info, run, seed_everything, uses_bf16
-from blvit.train.teacher_cache import TeacherEmbeddingCache, build_cache
+from blvit.train.teacher_cache import TeacherEmbeddingCache, build_cache, file_signature
 
 logger = logging.getLogger("blvit.train")
 
@@ -166,8 +166,11 @@ def student_options(cfg: Dict[str, Any]) -> Tuple[Optional[float], Dict[str, Any
 
 def dense_teacher_config(student_config):
     """The dense encoder of the student's layout: what it is distilled from."""
+    # the routing and reduction settings go back to their defaults: a dense layout never reads them
+    unread = ("fusion", "router_score", "e_num_heads", "e_mlp_ratio", "merge_r", "score_momentum")
+    defaults = {f.name: f.default for f in dataclasses.fields(student_config) if f.name in unread}
     return dataclasses.replace(student_config, name="dense", blvit_layers=(), predictor_layers=(), e_block_layers=(),
-                               e_embed_dim=0, reduction="", reduction_layers=())
+                               e_embed_dim=0, reduction="", reduction_layers=(), **defaults)
 
 
 def build_models(cfg: Dict[str, Any]):
@@ -222,10 +225,13 @@ def set_trainable_parts(sam: nn.Module, cfg: Dict[str, Any]) -> None:
             sam.prompt_encoder.get_submodule(name).requires_grad_(False)
 
 
-def _teacher_meta(cfg: Dict[str, Any], img_size: int) -> Dict[str, Any]:
+def _teacher_meta(cfg: Dict[str, Any], teacher: nn.Module, img_size: int, amp: bool) -> Dict[str, Any]:
+    """What the teacher cache's embeddings depend on: the teacher file (path, size, modification
+    time: a retrained teacher written over the same path is another teacher), or the seed of a
+    random one; its architecture; the input size; the precision it ran at."""
     checkpoint = cfg["teacher"]["checkpoint"]
-    return {"teacher_checkpoint": str(Path(checkpoint).resolve()) if checkpoint else f"random(seed={cfg['seed']})",
-            "img_size": img_size, "model": cfg["model"]["overrides"] if not checkpoint else None}
+    return {"teacher_checkpoint": file_signature(checkpoint) if checkpoint else f"random(seed={cfg['seed']})",
+            "teacher": teacher.config.architecture(), "img_size": img_size, "bf16": bool(amp)}
 
 
 def target_size(option: Any, encoder: nn.Module) -> int:
@@ -282,8 +288,8 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     if teacher is not None:
         teacher.to(device)
         if cfg["teacher"]["cache_dir"]:
-            build_cache(teacher, dataset, Path(cfg["teacher"]["cache_dir"]), _teacher_meta(cfg, img_size), device,
-                        amp, t["batch_size"], rank, world)
+            build_cache(teacher, dataset, Path(cfg["teacher"]["cache_dir"]), _teacher_meta(cfg, teacher, img_size, amp),
+                        device, amp, t["batch_size"], rank, world)
             dataset = TeacherEmbeddingCache(dataset, Path(cfg["teacher"]["cache_dir"]))
             teacher = None  # the embeddings now come with each batch
     validate: Optional[Callable[[], Dict[str, float]]] = None

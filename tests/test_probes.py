@@ -103,7 +103,7 @@ def test_probe_15_damaged_teacher_cache_entry_is_named(tmp_path):
     write_sa1b(tmp_path / "data", 1, seed=3)
     dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=256, max_masks=2)
     (tmp_path / "cache").mkdir()
-    entry = tmp_path / "cache" / entry_name(dataset.refs[0].name)
+    entry = tmp_path / "cache" / entry_name(dataset.refs[0])
     entry.write_bytes(b"\x80\x04 not a tensor file")
     with pytest.raises(ValueError, match=rf"{entry}: damaged teacher embedding of .*delete .*cache to rebuild"):
         TeacherEmbeddingCache(dataset, tmp_path / "cache")[0]

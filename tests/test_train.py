@@ -202,6 +202,46 @@ def test_teacher_embedding_cache(sa1b_root, tmp_path):
         train(load_config(QUICK, base + [f"output_dir={tmp_path / 'other'}", f"teacher.cache_dir={cache}", "seed=1"]))
 
 
+def test_teacher_cache_follows_the_files_not_their_names(tmp_path):
+    """Data rewritten in place is computed again (its entries are keyed by the file's size and
+    modification time, not its name), and a retrained teacher saved over the same path is
+    another teacher: its meta differs, so the old cache is refused."""
+    import os
+    import time
+
+    from blvit.data.sa1b import SA1BDataset, find_samples
+    from blvit.data.synthetic import write_sa1b
+    from blvit.train.teacher_cache import build_cache
+    from conftest import TINY
+    from sam_adapter.build import build_sam_blvit
+    from sam_adapter.trainer import _teacher_meta
+
+    write_sa1b(tmp_path / "data", 3, seed=3)
+    dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=TINY["img_size"], max_masks=2)
+    sam = build_sam_blvit("vit_b", **TINY)
+    teacher_file = tmp_path / "teacher.pth"
+    torch.save(sam.state_dict(), teacher_file)
+    cfg = {"teacher": {"checkpoint": str(teacher_file)}, "seed": 0}
+    meta = _teacher_meta(cfg, sam.image_encoder, TINY["img_size"], amp=False)
+    cache, cpu = tmp_path / "cache", torch.device("cpu")
+    assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == len(dataset) > 0
+    assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == 0
+    # the data generated again in place (other images under the same names)
+    write_sa1b(tmp_path / "data", 3, seed=4)
+    later = time.time() + 5
+    for path in (tmp_path / "data").glob("sa_*.jpg"):
+        os.utime(path, (later, later))
+    dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=TINY["img_size"], max_masks=2)
+    assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == len(dataset)
+    # a retrained teacher saved over the same file
+    torch.save(sam.state_dict(), teacher_file)
+    os.utime(teacher_file, (later, later))
+    retrained = _teacher_meta(cfg, sam.image_encoder, TINY["img_size"], amp=False)
+    with pytest.raises(ValueError, match="meta.json: the cache was made for"):
+        build_cache(sam.image_encoder, dataset, cache, retrained, cpu, False, 2)
+    assert _teacher_meta(cfg, sam.image_encoder, TINY["img_size"], amp=True) != retrained  # another precision
+
+
 def test_forward_intermediates_matches_forward():
     from conftest import TINY_BT
     from sam_adapter.build import build_sam_blvit

@@ -2,13 +2,17 @@
 
 The SA-1B pipeline has no photometric or geometric augmentation, so the teacher's output for
 a sample never changes: computing it once saves the teacher's forward pass (for ViT-H most of
-a training step) in every later epoch. Entries are keyed by the sample's file name; a
-``meta.json`` records what produced them, so a cache made by another teacher or image size is
-refused rather than silently used.
+a training step) in every later epoch. Entries are keyed by the sample's file (its real path,
+place in a shard, size and modification time), so data regenerated or replaced in place is
+computed again, never read from an old entry; a ``meta.json`` records what produced them (the
+teacher file's path, size and modification time, its architecture, the image size and the
+precision), so a cache made by another teacher, a retrained one written over the same path, or
+another image size is refused rather than silently used.
 """
 import hashlib
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Dict, List
@@ -19,14 +23,23 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from blvit.data.sa1b import SA1BDataset, collate_skipping
+from blvit.data.sa1b import SA1BDataset, SampleRef, collate_skipping
 from blvit.utils.io import atomic_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
-def entry_name(sample_name: str) -> str:
-    return hashlib.sha1(sample_name.encode()).hexdigest()[:20] + ".pt"
+def file_signature(path: str) -> Dict[str, Any]:
+    """Real path, size and modification time of a file: what tells a rewritten file from the old."""
+    stat = os.stat(path)
+    return {"path": os.path.realpath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def entry_name(ref: SampleRef) -> str:
+    """The cache file of a sample: a hash of its image file's identity and its place in it."""
+    path, offset, size = ref.image
+    key = json.dumps([ref.name, file_signature(path), offset, size], sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:20] + ".pt"
 
 
 class TeacherEmbeddingCache(Dataset):
@@ -45,12 +58,12 @@ class TeacherEmbeddingCache(Dataset):
         item = self.dataset[index]
         if item is None:
             return None
-        path = self.cache_dir / entry_name(self.dataset.refs[index].name)
+        path = self.cache_dir / entry_name(self.dataset.refs[index])
         try:
             item["teacher_embedding"] = torch.load(path, map_location="cpu", weights_only=True).float()
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{path}: teacher embedding of {self.dataset.refs[index].name} missing; "
-                                    f"delete {self.cache_dir} to rebuild the cache") from err
+            raise FileNotFoundError(f"{path}: teacher embedding of {self.dataset.refs[index].name} missing (was its "
+                                    f"file rewritten during the run?); delete {self.cache_dir} to rebuild the cache") from err
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
             raise ValueError(f"{path}: damaged teacher embedding of {self.dataset.refs[index].name} "
                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); "
@@ -76,7 +89,7 @@ def build_cache(teacher: nn.Module, dataset: SA1BDataset, cache_dir: Path, meta:
     if not meta_path.exists() and rank == 0:
         atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
     todo: List[int] = [i for i in range(rank, len(dataset), world)
-                       if not (cache_dir / entry_name(dataset.refs[i].name)).exists()]
+                       if not (cache_dir / entry_name(dataset.refs[i])).exists()]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
                                          collate_fn=collate_skipping)
     done = 0
@@ -88,7 +101,7 @@ def build_cache(teacher: nn.Module, dataset: SA1BDataset, cache_dir: Path, meta:
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 embeddings = teacher(batch["image"].to(device))
             for index, embedding in zip(batch["index"].tolist(), embeddings):
-                atomic_save(embedding.to(torch.bfloat16).cpu().clone(), cache_dir / entry_name(dataset.refs[index].name))
+                atomic_save(embedding.to(torch.bfloat16).cpu().clone(), cache_dir / entry_name(dataset.refs[index]))
                 done += 1
     if world > 1:
         torch_dist.barrier()
