@@ -125,7 +125,7 @@ def plan_memory(cfg: Dict[str, Any], world: int = 8, gpu_gib: Sequence[float] = 
     """The plan for ``world`` GPUs (rows: strategy x activation checkpointing). ``amp``: bf16
     autocast (default: the config's train.amp, "auto" meaning a GPU run, so True)."""
     t = cfg["train"]
-    amp = (t["amp"] in ("auto", True, "bf16")) if amp is None else amp
+    amp = (t["amp"] in ("auto", "bf16")) if amp is None else amp
     student, teacher = _models_on_meta(cfg)
     trainable = _numel(p for p in student.parameters() if p.requires_grad)
     frozen = _numel(p for p in student.parameters() if not p.requires_grad)

@@ -28,6 +28,30 @@ def test_unknown_config_key_lists_valid_keys():
     assert cfg["train"]["max_steps"] == 3 and cfg["data"]["root"] == "/x"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.amp=bfloat16", r"train.amp must be one of \('auto', 'bf16', 'none'\).*'bfloat16'"),
+    ("train.amp=off", r"'train.amp' must be a string, got False"),  # YAML reads off as false
+    ("train.lr=true", r"'train.lr' must be a number, got True"),
+    ("train.lr=", r"'train.lr' must be a number, got None"),
+    ("train.betas=0.9", r"'train.betas' must be a list, got 0.9"),
+    ("data.root=1e5", r"'data.root' must be a string, got 100000.0"),
+    ("teacher.checkpoint.path=/x.pth", r"'teacher.checkpoint' is a single value, not a mapping"),
+    ("data.box_fraction=[0.5]", r"'data.box_fraction' must be a number"),
+])
+def test_overrides_of_the_wrong_kind_are_refused(override, message):
+    """Each of these used to be accepted and either ran something else silently (train.amp=off:
+    float32; train.lr=true: lr 1) or failed later with an error that named no key."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICK, [override])
+
+
+def test_overrides_of_the_right_kind_pass():
+    cfg = load_config(QUICK, ["data.val_root=null", "train.amp=none", "train.lr=2e-4", "train.betas=[0.9, 0.95]"])
+    assert cfg["data"]["val_root"] is None and cfg["train"]["amp"] == "none" and cfg["train"]["lr"] == 2e-4
+    assert load_config(None, ["task=classify", "model.merge.compare=11"])["model"]["merge"]["compare"] == 11
+    assert load_config(None, ["task=classify", "model.kwargs={num_classes: 4}"])["model"]["kwargs"] == {"num_classes": 4}
+
+
 def test_dotted_model_override_keeps_the_recipes_other_overrides():
     # model.overrides.X=v changes X only: replacing the whole mapping would silently train a
     # full-size ViT-B instead of the recipe's small encoder

@@ -206,10 +206,38 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
             # one key and keeps the YAML file's others; a whole mapping (model.kwargs={...}) replaces it
             base[key] = _merge_free(base[key], value)
         else:
-            number = isinstance(base[key], (int, float)) and not isinstance(base[key], bool)
-            if number and isinstance(value, str):  # e.g. a typo, or "1e-3" read by an older YAML
-                raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
+            problem = None if path in NAME_OR_NUMBER else _type_problem(base[key], value)
+            if problem:
+                raise ConfigError(f"config key {path!r} {problem}, got {value!r}")
             base[key] = value
+
+
+# keys that take a name or a number (R-MeeTo's compare: "released", or the count itself)
+NAME_OR_NUMBER = ("model.merge.compare",)
+
+
+def _type_problem(default: Any, value: Any) -> Optional[str]:
+    """Why ``value`` cannot replace ``default`` (the kind of value the key holds), or None.
+    A key whose default is null takes any single value; null switches a setting off where the
+    default is a path, a name or a list."""
+    if isinstance(value, dict) or isinstance(default, dict):
+        if isinstance(value, dict) and isinstance(default, dict):
+            return None  # a free-form mapping replaced whole
+        return "is a single value, not a mapping" if default is None or not isinstance(default, dict) else "must be a mapping"
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)):
+        # a typo, "1e-3" read as a string by an older YAML, or a switch (true) where a number is meant
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+    if value is None:
+        return None
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "must be a list"
+    return None
 
 
 def _merge_free(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -270,8 +298,13 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> D
     return config
 
 
+AMP_CHOICES = ("auto", "bf16", "none")
+
+
 def check_train(t: Dict[str, Any]) -> None:
     """The optimisation settings every task needs to be meaningful (ConfigError otherwise)."""
+    if t["amp"] not in AMP_CHOICES:  # anything else used to mean float32, silently
+        raise ConfigError(f"train.amp must be one of {AMP_CHOICES} (auto: bf16 autocast on CUDA), got {t['amp']!r}")
     positive = {"batch_size": t["batch_size"], "accumulate": t["accumulate"]}
     if t["max_steps"] is not None:
         positive["max_steps"] = t["max_steps"]
