@@ -68,3 +68,17 @@ def test_predictor_latency_under_bf16_autocast():
     encoder = build_encoders(["b+t@0.25"], 64)["b+t@0.25"]
     seconds = predictor_latency(encoder, 64, torch.device("cpu"), amp=True, repeats=1, warmup=0)
     assert seconds > 0
+
+
+def test_flops_table_gives_both_ratios():
+    """blvit-flops' ratio column was labelled "vs dense" but divided by stock SAM."""
+    from blvit_apps.flops_cli import flops_rows, markdown_table
+
+    rows = {r["encoder"].split(" (")[0]: r for r in flops_rows(("b+t",), 0.25, 256)}
+    stock, dense, bt = rows["SAM vit_b"], rows["dense vit_b"], rows["bLViT-SAM b+t keep 0.25"]
+    import pytest
+
+    assert bt["ratio"] == pytest.approx(bt["gmacs"] / stock["gmacs"])
+    assert bt["ratio_dense"] == pytest.approx(bt["gmacs"] / dense["gmacs"])
+    assert bt["ratio_dense"] > bt["ratio"]  # the toolkit's dense encoder skips projecting window padding
+    assert "| vs stock SAM | vs dense (blvit) |" in markdown_table(list(rows.values()))

@@ -52,6 +52,28 @@ def test_overrides_of_the_right_kind_pass():
     assert load_config(None, ["task=classify", "model.kwargs={num_classes: 4}"])["model"]["kwargs"] == {"num_classes": 4}
 
 
+def test_one_shard_named_alone_and_options_after_overrides(tmp_path):
+    """data.shards=sa_000001.tar (a string, not a list) names one shard (it was read letter by
+    letter); tools/train.py takes options after the overrides too."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from blvit.data.sa1b import find_samples
+    from blvit.data.synthetic import write_sa1b
+
+    write_sa1b(tmp_path / "files", 2, seed=0)
+    with tarfile.open(tmp_path / "sa_000001.tar", "w") as tar:
+        for path in sorted((tmp_path / "files").iterdir()):
+            tar.add(path, arcname=path.name)
+    assert len(find_samples(tmp_path, "sa_000001.tar")) == len(find_samples(tmp_path, ["sa_000001.tar"])) == 2
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "tools/train.py"), "--config", str(QUICK), "train.max_steps=1",
+                           "--plan", "--plan-gpus", "2", "data.count=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| fsdp |" in done.stdout
+
+
 def test_dotted_model_override_keeps_the_recipes_other_overrides():
     # model.overrides.X=v changes X only: replacing the whole mapping would silently train a
     # full-size ViT-B instead of the recipe's small encoder

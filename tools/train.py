@@ -27,9 +27,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--plan-gpus", type=int, default=8, help="--plan: number of GPUs (processes)")
     parser.add_argument("--gpu-memory", type=float, nargs="+", default=[40, 80], help="--plan: card sizes, GB")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 data.root=/data/sa1b")
-    args, unknown = parser.parse_known_args(argv)  # options may come after the overrides too
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

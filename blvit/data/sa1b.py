@@ -86,6 +86,8 @@ def find_samples(root: Path, shards: Optional[Sequence[str]] = None, strict: boo
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: SA-1B data folder not found")
     tar_paths = sorted(root.glob("*.tar"))
+    if isinstance(shards, (str, Path)):  # one shard named on its own (data.shards=sa_000001.tar)
+        shards = [shards]
     if shards:
         wanted = {Path(s).name for s in shards}
         missing = wanted - {p.name for p in tar_paths}
