@@ -446,3 +446,27 @@ def test_keep_last_below_one_is_refused(sa1b_root, tmp_path):
     cfg = load_config(QUICK, [f"data.root={sa1b_root}", f"output_dir={tmp_path}", "train.keep_last=0", "data.val_root=null"])
     with pytest.raises(ValueError, match="train.keep_last=0"):
         train(cfg)
+
+
+def test_interrupted_data_generation_is_not_trusted_later(tmp_path, monkeypatch):
+    """Settings A written, a run with settings B stopped half-way, then A again: the old manifest
+    used to survive and A's run returned at once over B's partial data."""
+    from blvit.data import make_synthetic
+
+    small = dict(train=2, val=1, heldout=1, height=48, width=64)
+    make_synthetic.ensure_synthetic(tmp_path, **small)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(make_synthetic, "write_instances", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic.ensure_synthetic(tmp_path, **dict(small, height=96, width=128))
+    assert not (tmp_path / "manifest.json").exists()
+    monkeypatch.undo()
+    manifest = make_synthetic.ensure_synthetic(tmp_path, **small)
+    assert Path(manifest["heldout_coco"]).exists()
+    from PIL import Image
+
+    first = sorted((tmp_path / "sa1b_train").glob("sa_*.jpg"))[0]
+    assert Image.open(first).size == (64, 48)

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from blvit.utils.io import atomic_write_text
+
 from .imagenet import write_imagefolder
 from .synthetic import write_instances, write_sa1b
 
@@ -42,6 +44,9 @@ def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("settings") == settings:
             return manifest
+    # the manifest goes first and comes back last: a run stopped while writing leaves none, so the
+    # next run writes everything again instead of trusting an old manifest over half-written data
+    manifest_path.unlink(missing_ok=True)
     for folder in ("sa1b_train", "sa1b_val", "heldout", "imagefolder"):  # no stale samples of other settings
         shutil.rmtree(out / folder, ignore_errors=True)
     write_sa1b(out / "sa1b_train", train, TRAIN_SEED, height, width, images_per_shard, **render)
@@ -51,7 +56,7 @@ def ensure_synthetic(out: Path, train: int = DEFAULT_TRAIN_IMAGES, val: int = 16
     manifest = {"imagefolder": str(out / "imagefolder"), "settings": settings, "sa1b_train": str(out / "sa1b_train"), "sa1b_val": str(out / "sa1b_val"),
                 "heldout_images": str(out / "heldout" / "images"),
                 "heldout_coco": str(paths["coco"]), "heldout_lvis": str(paths["lvis"])}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return manifest
 
 
