@@ -192,7 +192,11 @@ class ConfigError(ValueError):
     pass
 
 
-def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Sequence[str]) -> None:
+def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Sequence[str],
+           defaults: Optional[Dict[str, Any]] = None) -> None:
+    """``update`` into ``base`` (checked: known keys, values of the kind the key's default in
+    ``defaults``, the task's own defaults, holds; a key whose default is null takes any value)."""
+    defaults = base if defaults is None else defaults
     for key, value in update.items():
         path = f"{where}.{key}" if where else key
         if key not in base:
@@ -200,13 +204,13 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
         if isinstance(base[key], dict) and path not in free:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
-            _merge(base[key], value, path, free)
+            _merge(base[key], value, path, free, defaults.get(key) if isinstance(defaults.get(key), dict) else base[key])
         elif path in free and isinstance(base[key], dict) and isinstance(value, DottedPath):
             # a dotted override into a free-form mapping (model.overrides.embed_dim=96) changes that
             # one key and keeps the YAML file's others; a whole mapping (model.kwargs={...}) replaces it
             base[key] = _merge_free(base[key], value)
         else:
-            problem = None if path in NAME_OR_NUMBER else _type_problem(base[key], value)
+            problem = None if path in NAME_OR_NUMBER else _type_problem(defaults.get(key, base[key]), value)
             if problem:
                 raise ConfigError(f"config key {path!r} {problem}, got {value!r}")
             base[key] = value
@@ -291,9 +295,9 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> D
     config["task"] = task
     # free-form mappings, checked later by the model builders
     free = ("model.overrides", "model.kwargs", "teacher.kwargs")
-    _merge(config, loaded, "", free)
+    _merge(config, loaded, "", free, TASK_DEFAULTS[task])
     for update in updates:
-        _merge(config, update, "", free)
+        _merge(config, update, "", free, TASK_DEFAULTS[task])
     check_train(config["train"])
     return config
 
