@@ -441,3 +441,100 @@ def test_dynamicvit_training_step_sends_gradients_to_the_predictors_and_the_rati
     assert model.pruning_loss().item() == 0.0
     with pytest.raises(ValueError, match=r"keep_ratio 1.5 must be in \(0, 1\]"):
         timm.create_model("dynamicvit_base_patch16_224", keep_ratio=1.5, **TINY_DYN)
+
+
+def test_dynamicvit_ratio_loss_is_per_image_as_released_and_drop_path_rate_is_accepted():
+    """raoyongming/DynamicViT losses.py (dynamic=False, main.py's default): each image's kept
+    fraction is pulled to rho**s, ((score.mean(1) - ratio)**2).mean(); two images 25 points
+    either side of the target are not "on target" because their mean is."""
+    model = timm.create_model("dynamicvit_small_patch16_224", keep_ratio=0.7, **TINY_DYN)
+    fractions = [torch.tensor([0.7**s + 0.25, 0.7**s - 0.25]) for s in (1, 2)]
+    model._keep_fractions = fractions
+    assert model.pruning_loss().item() == pytest.approx(0.25**2)
+    released = torch.stack([((f - 0.7 ** (s + 1)) ** 2).mean() for s, f in enumerate(fractions)]).mean()
+    assert model.pruning_loss().item() == pytest.approx(released.item())
+    dynamic = timm.create_model("dynamicvit_small_patch16_224", keep_ratio=0.7, dynamic_ratio=True, **TINY_DYN)
+    dynamic._keep_fractions = fractions
+    assert dynamic.pruning_loss().item() == pytest.approx(0.0, abs=1e-12)  # the released dynamic=True
+    # stochastic depth as timm's VisionTransformer: linear from 0 to the rate at the last layer
+    torch.manual_seed(0)
+    model = timm.create_model("dynamicvit_small_patch16_224", drop_path_rate=0.5, **TINY_DYN)
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.5 / 3, 1.0 / 3, 0.5])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain = timm.create_model("dynamicvit_small_patch16_224", **TINY_DYN).eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(x), plain(x))  # no drop at eval
+        model.train()
+        torch.manual_seed(1)
+        a = model.forward_features(x)
+        torch.manual_seed(2)
+        assert not torch.allclose(a, model.forward_features(x))  # layers dropped per sample in training
+
+
+def test_evit_keep_rate_warms_up_as_released_and_eval_uses_the_base_rate():
+    """youweiliang/evit helpers.py adjust_keep_rate with run_code.sh's --shrink_start_epoch 10
+    --shrink_epochs 100 of 300: 1 before epoch 10, a half cosine to the base rate by epoch 110,
+    the base rate after; set per epoch (the released value at the epoch's first iteration)."""
+    import math
+
+    from blvit.models.evit import evit_keep_rate_schedule
+
+    def released(it, epoch, warmup_epochs, total_epochs, iters_per_epoch, base_keep_rate):
+        if epoch < warmup_epochs:
+            return 1
+        if epoch >= total_epochs:
+            return base_keep_rate
+        total_iters = iters_per_epoch * (total_epochs - warmup_epochs)
+        it = it - iters_per_epoch * warmup_epochs
+        return base_keep_rate + (1 - base_keep_rate) * (math.cos(it / total_iters * math.pi) + 1) * 0.5
+
+    model = timm.create_model("evit_base_patch16_224", keep_rate=0.5, **TINY_EVIT)
+    for epoch in (0, 9, 10, 11, 35, 60, 109, 110, 299):
+        model.set_epoch(epoch, 300)
+        assert model.train_keep_rate == pytest.approx(released(epoch * 7, epoch, 10, 110, 7, 0.5)), epoch
+    assert evit_keep_rate_schedule(60, 10, 100, 0.5) == pytest.approx(0.75)
+    # a shorter run: the released 10 / 100 of 300 epochs scaled to 1 / 10 of 30
+    assert model.shrink_schedule(30) == (1.0, 10.0)
+    own = timm.create_model("evit_base_patch16_224", keep_rate=0.5, shrink_start_epoch=0, shrink_epochs=4, **TINY_EVIT)
+    assert own.shrink_schedule(30) == (0.0, 4.0)
+    own.set_epoch(4, 30)
+    assert own.train_keep_rate == 0.5
+    # training forwards use the warm-up's rate, eval the base rate; nothing new in the state dict
+    x = torch.randn(2, 3, 32, 32)
+    model.set_epoch(0, 300)
+    with torch.no_grad():
+        assert model.train().forward_features(x).shape[1] == 17  # keep rate 1: every token
+        assert model.eval().forward_features(x).shape[1] == model.token_counts()[-1] < 17
+    assert set(model.state_dict()) == set(timm.create_model("evit_base_patch16_224", **TINY_EVIT).state_dict())
+
+
+def test_deit_based_baselines_declare_deits_eval_crop():
+    """DeiT's released eval (resize 256, centre crop 224: crop_pct 0.875), which EViT's and
+    DynamicViT's DeiT comparisons use; timm's DeiT cfg says 0.9."""
+    for name in ("evit_base_patch16_224", "evit_small_patch16_224", "dynamicvit_base_patch16_224",
+                 "dynamicvit_small_patch16_224", "blvit_base_tiny_patch16_224", "blvit_small_tiny_patch16_224",
+                 "evovit_base_patch16_224", "evovit_small_patch16_224"):
+        assert timm.models.get_pretrained_cfg(name).crop_pct == 0.875, name
+
+
+def test_own_checkpoint_at_another_img_size_resamples_pos_embed_and_names_the_file(tmp_path):
+    """A trainer checkpoint (NAME@img_size=64:best.pth) goes through the model module's
+    checkpoint filter as any other file: pos_embed resampled to the new grid; a checkpoint
+    that does not fit raises CheckpointError naming it."""
+    from blvit.models.blvit_vit import resample_abs_pos_embed
+    from blvit.train.classification import FORMAT, create_classifier, load_classifier
+
+    torch.manual_seed(0)
+    model = perturb_(timm.create_model(BT, **TINY_BT))
+    payload = {"format": FORMAT, "arch": BT, "kwargs": dict(TINY_BT), "merge": {"method": "none"},
+               "classes": [f"n{i:08d}" for i in range(10)], "model": model.state_dict()}
+    path = save(payload, tmp_path / "best.pth")
+    bigger, classes = load_classifier(BT, {"img_size": 64}, None, str(path))
+    assert bigger.pos_embed.shape[1] == 1 + 64 and classes == payload["classes"]
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), [8, 8], num_prefix_tokens=1)
+    torch.testing.assert_close(bigger.pos_embed.detach(), expected)
+    torch.testing.assert_close(bigger.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match="best.pth"):
+        create_classifier(BT, {"embed_dim": 48}, None, str(path))

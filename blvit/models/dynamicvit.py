@@ -12,8 +12,10 @@ own features and a policy-weighted mean of all of them ("local + global"). Stage
   Gumbel-softmax (straight-through) and multiplied into a running ``policy`` (B, N). Attention
   then only lets a token see kept tokens and itself (DynamicViT's "softmax with policy", which
   also passes gradients to the decisions). ``pruning_loss()`` returns the ratio loss
-  ``mean_s (mean(policy_s) - keep_ratio**s)^2`` that pulls the kept fractions to the schedule;
-  the classification trainer adds it with weight ``loss.ratio_weight``.
+  ``mean_s mean_b (mean(policy_{s,b}) - keep_ratio**s)^2`` that pulls every image's kept
+  fraction to the schedule (the released ``DistillDiffPruningLoss`` with its default
+  ``dynamic=False``; ``dynamic_ratio=True``: the batch's mean fraction instead); the
+  classification trainer adds it with weight ``loss.ratio_weight``.
 
 At keep_ratio 1.0 no token is pruned and the model is DeiT (same weights, same logits). Blocks
 use ``blvit.blocks.DenseBlock`` names, so DeiT checkpoints load through
@@ -28,6 +30,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..blocks import DenseBlock
 from .blvit_vit import ClassTokenViT, _cfg, create_deit_variant
+from .blvit_vit import checkpoint_filter_fn  # noqa: F401  (the loaders look the filter up in the model's module)
+from .evit import EViTBlock, drop_path
 from .features import TakenTokens
 
 __all__ = ["DynamicViT", "PruningPredictor", "dynamicvit_kept_tokens"]
@@ -98,7 +102,9 @@ class DynamicViT(ClassTokenViT):
         keep_ratio: float = 0.7,
         prune_layers: Sequence[int] = (3, 6, 9),
         gumbel_tau: float = 1.0,
+        dynamic_ratio: bool = False,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
         global_pool: str = "token",
     ) -> None:
         """
@@ -106,6 +112,10 @@ class DynamicViT(ClassTokenViT):
             keep_ratio: rho; stage s keeps int(M * rho**s) image tokens, rho in (0, 1].
             prune_layers: 0-based layers before which a predictor prunes (DynamicViT: 3, 6, 9).
             gumbel_tau: temperature of the training-time Gumbel-softmax decisions.
+            dynamic_ratio: the ratio loss on the batch's mean kept fraction (the released loss's
+                ``dynamic=True``) instead of each image's (its default, ``dynamic=False``).
+            drop_path_rate: stochastic depth of both residual branches, rising linearly from 0
+                at the first layer to this rate at the last (timm's VisionTransformer).
         """
         img_size = self.checked_image_size("DynamicViT", img_size, patch_size, global_pool)
         bad = [i for i in prune_layers if not 0 < i < depth]
@@ -113,11 +123,17 @@ class DynamicViT(ClassTokenViT):
             raise ValueError(f"prune_layers {bad} outside 1..{depth - 1}")
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio {keep_ratio} must be in (0, 1]")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate {drop_path_rate} must be in [0, 1)")
         super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.keep_ratio = float(keep_ratio)
         self.gumbel_tau = gumbel_tau
+        self.dynamic_ratio = bool(dynamic_ratio)
         self.prune_layers = tuple(sorted(int(i) for i in prune_layers))
-        self.blocks = nn.ModuleList(DenseBlock(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        # DenseBlock names and function plus per-branch stochastic depth (EViTBlock, never reorganising),
+        # rising as timm's VisionTransformer does: torch.linspace(0, drop_path_rate, depth)
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(EViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates)
         self.predictors = nn.ModuleDict({str(i): PruningPredictor(embed_dim) for i in self.prune_layers})
         self._set_feature_info(patch_size)
         self._init_head(num_classes, drop_rate)
@@ -132,7 +148,7 @@ class DynamicViT(ClassTokenViT):
         """Tokens (class token included) entering each layer at inference."""
         m = self.patch_embed.num_patches
         counts, stage = [], 0
-        for i in range(len(self.blocks)):
+        for i, block in enumerate(self.blocks):
             if i in self.prune_layers:
                 stage += 1
                 m = dynamicvit_kept_tokens(self.patch_embed.num_patches, self.keep_ratio, stage)
@@ -140,11 +156,17 @@ class DynamicViT(ClassTokenViT):
         return counts
 
     def pruning_loss(self) -> torch.Tensor:
-        """Ratio loss of the last training forward: mean over stages of
-        (mean kept fraction - keep_ratio**stage)^2. Zero outside training."""
+        """Ratio loss of the last training forward: the mean over stages s of
+        mean_b (kept fraction of image b - keep_ratio**s)^2, as raoyongming/DynamicViT losses.py
+        ``DistillDiffPruningLoss`` computes it (``score.mean(1)``, ``dynamic=False``, the default
+        its main.py builds); with ``dynamic_ratio`` the batch's mean fraction (``dynamic=True``).
+        Zero outside training."""
         if not self._keep_fractions:
             return self.pos_embed.new_zeros(())
-        terms = [(f.mean() - self.keep_ratio ** (s + 1)) ** 2 for s, f in enumerate(self._keep_fractions)]
+        terms = []
+        for s, fractions in enumerate(self._keep_fractions):  # fractions: (B,)
+            kept = fractions.mean() if self.dynamic_ratio else fractions
+            terms.append(((kept - self.keep_ratio ** (s + 1)) ** 2).mean())
         return torch.stack(terms).mean()
 
     def _forward_pruned(self, x: torch.Tensor, take: Sequence[int] = (), stop: int = -1
@@ -193,8 +215,8 @@ class DynamicViT(ClassTokenViT):
                 self._keep_fractions.append(policy.float().mean(dim=(1, 2)))
             if self._keep_fractions:
                 full = torch.cat([policy.new_ones(b, 1, 1), policy], dim=1)[..., 0]  # class token kept
-                x = x + attention_with_policy(block, block.norm1(x), full)
-                x = x + block.mlp(block.norm2(x))
+                x = x + drop_path(attention_with_policy(block, block.norm1(x), full), block.drop_path, self.training)
+                x = x + drop_path(block.mlp(block.norm2(x)), block.drop_path, self.training)
             else:
                 x = block(x)
             if i in take:
@@ -208,9 +230,11 @@ class DynamicViT(ClassTokenViT):
         return self._forward_pruned(x, take, stop)
 
 
+# crop_pct 0.875: DeiT's released eval (facebookresearch/deit datasets.py, resize 256, crop 224),
+# the protocol of the DeiT numbers this baseline is compared with (timm's DeiT cfg says 0.9)
 default_cfgs = generate_default_cfgs({
-    "dynamicvit_base_patch16_224": _cfg(),
-    "dynamicvit_small_patch16_224": _cfg(),
+    "dynamicvit_base_patch16_224": _cfg(crop_pct=0.875),
+    "dynamicvit_small_patch16_224": _cfg(crop_pct=0.875),
 })
 
 @register_model

@@ -14,6 +14,14 @@ reorganisation layers only; the attention itself is SDPA everywhere. At keep_rat
 is dropped and the model is DeiT (same weights, same output). Parameter names are those of
 ``blvit.blocks.DenseBlock``, so DeiT checkpoints load through
 :func:`blvit.models.blvit_vit.checkpoint_filter_fn`.
+
+Keep-rate warm-up (youweiliang/evit helpers.py ``adjust_keep_rate``, run_code.sh
+``--shrink_start_epoch 10 --shrink_epochs 100`` of 300 epochs): training runs at keep rate 1
+until ``shrink_start_epoch``, then the rate falls from 1 to ``keep_rate`` along a half cosine over
+``shrink_epochs`` epochs and stays there. :meth:`EViT.set_epoch` (which the classification trainer
+calls before every epoch) sets it; it is applied in training mode only: evaluation always runs at
+``keep_rate``. Difference: the released code steps the rate every iteration, here it is set once
+per epoch (the value the released code has at the epoch's first iteration).
 """
 import math
 from typing import Any, List, Optional, Sequence, Tuple
@@ -26,9 +34,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import DenseBlock
 from .blvit_vit import ClassTokenViT, _cfg, class_token_attention, create_deit_variant
+from .blvit_vit import checkpoint_filter_fn  # noqa: F401  (the loaders look the filter up in the model's module)
 from .features import TakenTokens
 
-__all__ = ["EViT", "EViTBlock", "evit_kept_tokens", "reorganize_tokens"]
+__all__ = ["EViT", "EViTBlock", "evit_keep_rate_schedule", "evit_kept_tokens", "reorganize_tokens"]
+
+# youweiliang/evit run_code.sh: --shrink_start_epoch 10 --shrink_epochs 100 --epochs 300
+RELEASED_SHRINK_START, RELEASED_SHRINK_EPOCHS, RELEASED_EPOCHS = 10, 100, 300
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -37,6 +49,17 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
         return x
     keep = 1.0 - rate
     return x * (x.new_empty(x.shape[0], 1, 1).bernoulli_(keep) / keep)
+
+
+def evit_keep_rate_schedule(epoch: float, start: float, length: float, base_keep_rate: float) -> float:
+    """EViT's training keep rate at (possibly fractional) ``epoch``: 1 before ``start``, then a
+    half cosine from 1 down to ``base_keep_rate`` over ``length`` epochs, ``base_keep_rate`` from
+    ``start + length`` on (youweiliang/evit helpers.py ``adjust_keep_rate``, max_keep_rate 1)."""
+    if epoch < start:
+        return 1.0
+    if epoch >= start + length:
+        return base_keep_rate
+    return base_keep_rate + (1.0 - base_keep_rate) * (math.cos((epoch - start) / length * math.pi) + 1) * 0.5
 
 
 def evit_kept_tokens(num_image_tokens: int, keep_rate: float) -> int:
@@ -131,7 +154,8 @@ class EViT(ClassTokenViT):
 
     (B, in_chans, img_size, img_size) -> (B, num_classes). ``forward_features``:
     -> (B, L, C) normalised tokens, L = ``token_counts()[-1]`` (72 for DeiT-B at 0.7, 224).
-    ``keep_rate`` may be changed at any time (EViT's training warms it up from 1.0).
+    ``keep_rate`` (the rate evaluated with) may be changed at any time; in training mode the rate
+    of the warm-up schedule set by :meth:`set_epoch` is used, if it was called.
     """
 
     def __init__(
@@ -151,20 +175,32 @@ class EViT(ClassTokenViT):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
+        shrink_start_epoch: Optional[float] = None,
+        shrink_epochs: Optional[float] = None,
     ) -> None:
         """
         Args:
-            keep_rate: fraction of image tokens kept at each reorganisation layer, in (0, 1].
+            keep_rate: fraction of image tokens kept at each reorganisation layer, in (0, 1];
+                the rate of evaluation and the end of the training warm-up.
             reorganize_layers: 0-based layers that reorganise (EViT's blocks 4, 7, 10).
             fuse_token: fuse the inattentive tokens into one (EViT) or drop them.
             drop_path_rate: stochastic depth, rising linearly to this rate at the last layer.
+            shrink_start_epoch: training epochs at keep rate 1 before the warm-up. None: the
+                released 10 of 300 epochs, scaled down by epochs / 300 for shorter runs.
+            shrink_epochs: epochs of the cosine from 1 down to ``keep_rate`` (0: a step). None:
+                the released 100 of 300 epochs, scaled down likewise (1/3 of a shorter run).
         """
         img_size = self.checked_image_size("EViT", img_size, patch_size, global_pool)
         bad = [i for i in reorganize_layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"reorganize_layers {bad} outside 0..{depth - 1}")
+        for arg, value in (("shrink_start_epoch", shrink_start_epoch), ("shrink_epochs", shrink_epochs)):
+            if value is not None and value < 0:
+                raise ValueError(f"{arg} {value} must be >= 0")
         super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.keep_rate = keep_rate
+        self.shrink_start_epoch, self.shrink_epochs = shrink_start_epoch, shrink_epochs
+        self.train_keep_rate: Optional[float] = None  # set by set_epoch; used in training mode only
         self.fuse_token = fuse_token
         self.reorganize_layers = tuple(sorted(int(i) for i in reorganize_layers))
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
@@ -186,6 +222,28 @@ class EViT(ClassTokenViT):
             raise ValueError(f"keep_rate {value} must be in (0, 1]")
         self._keep_rate = float(value)
 
+    def shrink_schedule(self, epochs: int) -> Tuple[float, float]:
+        """(start epoch, length in epochs) of the keep-rate warm-up for a run of ``epochs``: the
+        configured ones, else the released 10 and 100 epochs of 300, scaled by epochs / 300 when
+        the run is shorter (a 30-epoch fine-tune: 1 and 10), so the rate reaches ``keep_rate``
+        after the same share of training."""
+        scale = min(1.0, epochs / RELEASED_EPOCHS)
+        start = RELEASED_SHRINK_START * scale if self.shrink_start_epoch is None else self.shrink_start_epoch
+        length = RELEASED_SHRINK_EPOCHS * scale if self.shrink_epochs is None else self.shrink_epochs
+        return float(start), float(length)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """The training keep rate of epoch ``epoch`` (0-based) of ``epochs``:
+        :func:`evit_keep_rate_schedule` at the epoch's start (the released code: per iteration)."""
+        start, length = self.shrink_schedule(epochs)
+        self.train_keep_rate = evit_keep_rate_schedule(epoch, start, length, self.keep_rate)
+
+    def active_keep_rate(self) -> float:
+        """The rate the next forward uses: the warm-up's in training mode, ``keep_rate`` in eval."""
+        if self.training and self.train_keep_rate is not None:
+            return self.train_keep_rate
+        return self.keep_rate
+
     def token_counts(self, keep_rate: Optional[float] = None) -> List[int]:
         """Tokens (class token included) after each layer; static for a given keep rate."""
         keep_rate = self.keep_rate if keep_rate is None else keep_rate
@@ -204,15 +262,16 @@ class EViT(ClassTokenViT):
         taken (a fused token has none: -1)."""
         taken: List[TakenTokens] = []
         positions: Optional[torch.Tensor] = None  # (B, L - 1); None: all patches, in order
-        entering = [1 + self.patch_embed.num_patches] + self.token_counts()[:-1]  # static token counts
+        keep_rate = self.active_keep_rate()
+        entering = [1 + self.patch_embed.num_patches] + self.token_counts(keep_rate)[:-1]  # static token counts
         for i, block in enumerate(self.blocks):
             if i > stop:
                 break
             track = bool(take)  # the kept indices only when taking (the block returns a plain tensor otherwise)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(block, x, self.keep_rate, self.fuse_token, track, entering[i], use_reentrant=False)
+                out = checkpoint(block, x, keep_rate, self.fuse_token, track, entering[i], use_reentrant=False)
             else:
-                out = block(x, self.keep_rate, self.fuse_token, track, entering[i])
+                out = block(x, keep_rate, self.fuse_token, track, entering[i])
             x, index = out if track else (out, None)
             if index is not None and take:
                 if positions is None:
@@ -225,9 +284,11 @@ class EViT(ClassTokenViT):
         return x, taken
 
 
+# crop_pct 0.875: DeiT's released eval (facebookresearch/deit datasets.py, resize 256, crop 224),
+# as EViT's released youweiliang/evit datasets.py build_transform does (timm's DeiT cfg says 0.9)
 default_cfgs = generate_default_cfgs({
-    "evit_base_patch16_224": _cfg(),
-    "evit_small_patch16_224": _cfg(),
+    "evit_base_patch16_224": _cfg(crop_pct=0.875),
+    "evit_small_patch16_224": _cfg(crop_pct=0.875),
 })
 
 @register_model
