@@ -304,7 +304,7 @@ def cmd_imagenet(args) -> Optional[Dict[str, Any]]:
     amp = device.type == "cuda" and not args.fp32
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     rows = run_imagenet(args.data, args.split, args.model, args.dense_checkpoint, args.img_size, args.batch_size,
-                        args.workers, args.max_images, kwargs, device, amp, world, rank)
+                        args.workers, args.max_images, kwargs, device, amp, world, rank, crop_pct=args.crop_pct)
     if rank != 0:  # every rank has the figures; rank 0 writes them
         return None
     report = {"task": "imagenet", "data": str(args.data), "split": args.split, "models": rows,
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-checkpoint", help="DeiT file for bLViT/EViT/Evo-ViT/DynamicViT models given without a checkpoint")
     p.add_argument("--model-kwargs", help="JSON of timm.create_model arguments for every model, e.g. '{\"keep_ratio\": 0.5}'")
     p.add_argument("--img-size", type=int, help="input size (default: each model's own)")
+    p.add_argument("--crop-pct", type=float, help="centre-crop fraction of the resized image for every model (default: "
+                   "DeiT's 0.875 for DeiT and DeiT-based models, else each model's pretrained_cfg)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images (quick checks)")

@@ -1,5 +1,6 @@
 """``blvit-eval imagenet``: top-1 / top-5, FLOPs and images/s of several classifiers in one table."""
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -9,8 +10,8 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from blvit.data.imagenet import (ImageFolderDataset, batch_inputs, build_transforms, collate_classification,
-                                 scan_imagefolder, take_evenly)
+from blvit.data.imagenet import (ImageFolderDataset, ImageFolderError, batch_inputs, build_transforms,
+                                 collate_classification, imagefolder_classes, scan_imagefolder, take_evenly)
 from blvit.flops import module_macs_on_meta
 
 from .distributed import gather, sum_or_none
@@ -47,6 +48,10 @@ FAMILIES = (
 )
 # This toolkit's DeiT-shaped models, which --dense-checkpoint initialises.
 DENSE_INITIALISED = ("blvit_", "evit_", "evovit_", "dynamicvit_")
+# DeiT's released eval crop (resize to 256, centre crop 224), which DeiT's published numbers and
+# those of the baselines built on DeiT's code use; timm's DeiT pretrained_cfg says 0.9.
+DEIT_EVAL_CROP_PCT = 0.875
+DEIT_PROTOCOL = DENSE_INITIALISED + ("deit_",)  # timm's DeiT (not DeiT III, "deit3_": crop 1.0)
 
 
 def model_family(name: str) -> str:
@@ -72,7 +77,8 @@ def model_input_size(model: torch.nn.Module) -> int:
 def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, amp: bool, batch_size: int,
                         workers: int, desc: str, world: int = 1) -> Dict[str, Any]:
     """Top-1/top-5 (%) and throughput (images or clip views per second from the median batch
-    time, first batch left out) on images, clips, or several views per clip (logits averaged).
+    time, first batch left out) on images, clips, or several views per clip (their softmax
+    probabilities averaged: :func:`blvit.train.classification.view_averaged_logits`).
 
     ``world`` > 1 (torchrun): ``dataset`` is this rank's share; the counts are summed over the
     ranks (every rank returns the whole set's figures) and images/s is the ranks' sum."""
@@ -113,32 +119,85 @@ def evaluate_classifier(model: torch.nn.Module, dataset, device: torch.device, a
             "images_per_s": speed}
 
 
+def eval_crop(model: torch.nn.Module, name: str, crop_pct: Optional[float] = None) -> Tuple[float, str]:
+    """(crop_pct, interpolation) of a model's eval transform: ``crop_pct`` when given (one for all),
+    else DeiT's 0.875 for DeiT and this toolkit's DeiT-shaped models (the protocol of DeiT's
+    published numbers: facebookresearch/deit datasets.py, ``int((256 / 224) * input_size)``), else
+    the model's own ``pretrained_cfg`` through timm's ``resolve_data_config`` (timm's DeiT 0.9,
+    EfficientViT 0.875, EdgeNeXt 0.95, ...). The interpolation is always the model's."""
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config({}, model=model)
+    if crop_pct is None:
+        crop_pct = DEIT_EVAL_CROP_PCT if name.startswith(DEIT_PROTOCOL) else data_cfg["crop_pct"]
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct {crop_pct} must be in (0, 1]")
+    return float(crop_pct), data_cfg["interpolation"]
+
+
+def split_targets(samples: Sequence[Tuple[str, int]], split_classes: Sequence[str], classes: Sequence[str],
+                  split: Path) -> List[Tuple[str, int]]:
+    """Samples labelled by position in ``split_classes`` relabelled by position in ``classes``
+    (a checkpoint's classes); a folder of the split the checkpoint does not know is an error."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(split_classes) - set(index))
+    if unknown:
+        raise ImageFolderError(f"{split}: class folders the checkpoint was not trained on: {unknown[:10]}")
+    return [(path, index[split_classes[t]]) for path, t in samples]
+
+
 def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint: Optional[str], img_size: Optional[int],
                  batch_size: int, workers: int, max_images: Optional[int], kwargs: Dict[str, Any],
-                 device: torch.device, amp: bool, world: int = 1, rank: int = 0) -> List[Dict[str, Any]]:
+                 device: torch.device, amp: bool, world: int = 1, rank: int = 0,
+                 crop_pct: Optional[float] = None) -> List[Dict[str, Any]]:
     """One row per model spec; under torchrun each rank evaluates every world-th image (the
-    figures are the whole set's on every rank)."""
-    from blvit.train.classification import create_classifier
+    figures are the whole set's on every rank).
 
-    train_root = Path(data) / "train"
-    classes = scan_imagefolder(train_root)[1] if train_root.is_dir() else None
-    samples, classes = scan_imagefolder(Path(data) / split, classes)
+    Labels: a checkpoint of this trainer is scored against the class list it stores (output i is
+    its i-th class folder); any other model against the evaluated split's own sorted class
+    folders (DeiT's ``ImageFolder(root/val)``). ``img_size``: the input size every model is built
+    for (unless its spec sets its own); a model whose input size is not fixed (CNNs) only gets
+    images of that size. ``crop_pct``: see :func:`eval_crop`.
+    """
+    import timm
+
+    from blvit.train.classification import load_classifier
+
+    split_root = Path(data) / split
+    samples, split_classes = scan_imagefolder(split_root)
     samples = take_evenly(samples, max_images)
+    train_root = Path(data) / "train"
+    train_classes = imagefolder_classes(train_root) if split != "train" and train_root.is_dir() else None
     rows = []
     for spec in specs:
         label, name, own_kwargs, checkpoint = parse_classifier_spec(spec)
         uses_dense = dense_checkpoint and not checkpoint and name.startswith(DENSE_INITIALISED)
-        model = create_classifier(name, dict(kwargs, **own_kwargs), dense_checkpoint if uses_dense else None, checkpoint)
+        model_kwargs = dict(kwargs, **own_kwargs)
+        fixed = getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", True)
+        if img_size and "img_size" not in own_kwargs and fixed:
+            model_kwargs["img_size"] = img_size  # built for it (the checkpoint filters resample pos_embed)
+        model, trained_classes = load_classifier(name, model_kwargs, dense_checkpoint if uses_dense else None,
+                                                 checkpoint)
+        classes, targets = (trained_classes, split_targets(samples, split_classes, trained_classes, split_root)) \
+            if trained_classes else (split_classes, samples)
+        if train_classes is not None and train_classes != classes:
+            # not an error: evaluating a model needs no training split; a sign of a stray folder there
+            source = f"{checkpoint}'s" if trained_classes else f"{split_root}'s"
+            extra, absent = sorted(set(train_classes) - set(classes)), sorted(set(classes) - set(train_classes))
+            how = f"only in train/: {extra[:5]}, not in train/: {absent[:5]}" if extra or absent else "another order"
+            warnings.warn(f"{train_root}: its {len(train_classes)} class folders differ from the {len(classes)} "
+                          f"classes scored ({source}): {how}")
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = own_kwargs.get("img_size") or img_size or model_input_size(model)
-        dataset = ImageFolderDataset(samples[rank::world], classes,
-                                     build_transforms(size, False, {}, cfg.get("mean"), cfg.get("std")))
+        crop, interpolation = eval_crop(model, name, crop_pct)
+        transform = build_transforms(size, False, {}, cfg.get("mean"), cfg.get("std"), crop, interpolation)
+        dataset = ImageFolderDataset(targets[rank::world], classes, transform)
         result = evaluate_classifier(model, dataset, device, amp, batch_size, workers, label, world)
         macs = module_macs_on_meta(model, (1, 3, size, size))
         rows.append({"model": label, "arch": name, "family": model_family(name),
                      "checkpoint": checkpoint or (dense_checkpoint if uses_dense else None),
                      **result, "gmacs": macs / 1e9, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "input_size": size})
+                     "input_size": size, "crop_pct": crop, "interpolation": interpolation})
     return rows
 
 

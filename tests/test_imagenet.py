@@ -53,7 +53,9 @@ def test_dynamicvit_learns_and_its_kept_fractions_follow_the_schedule(folder, tm
     print(f"DynamicViT top-1: untrained {val[0]:.1f} %, trained {max(val):.1f} %; "
           f"ratio loss {sum(ratio[:5]) / 5:.4f} -> {sum(ratio[-5:]) / 5:.4f}")
     assert max(val) >= 55.0  # from scratch, 12 epochs: 69 % measured (the same model unpruned: 88 %)
-    assert sum(ratio[-5:]) < 0.5 * sum(ratio[:5])
+    # per image, as released: the loss also holds each image's spread about the target, so it
+    # falls less than the batch-mean form did (0.050 -> 0.029 measured, against halving before)
+    assert sum(ratio[-5:]) < 0.7 * sum(ratio[:5])
     report = run(["imagenet", "--data", str(folder), "--model",
                   f"dynamicvit_base_patch16_224:{summary['best_checkpoint']}", "--workers", "0",
                   "--out", str(tmp_path / "eval.json")])
@@ -247,3 +249,117 @@ def test_repeated_augmentation_copies_on_one_rank_are_augmented_apart(folder):
     assert first in indices
     assert not torch.equal(train[first]["image"], train[second]["image"])
     assert torch.equal(train[first]["image"], train[first]["image"])
+
+
+TINY_DEIT = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 3}
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """3 classes, 32 px: train 1 image per class, val 2."""
+    write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=1, val_per_class=2, size=32, seed=0)
+    return tmp_path / "data"
+
+
+def test_mixup_goes_on_when_a_skipped_image_makes_the_batch_odd(tmp_path):
+    """4 training images, one unreadable, batch 4 with Mixup/CutMix: 3 usable samples; the last
+    is left out (timm's Mixup pairs sample i with B - 1 - i) and training goes on. An odd
+    configured batch size is refused before anything runs."""
+    write_imagefolder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1, size=32, seed=0)
+    bad = sorted((tmp_path / "data/train/n00000001").iterdir())[0]
+    bad.write_bytes(b"not a jpeg")
+    common = [f"data.root={tmp_path / 'data'}", "data.mixup=0.8", "data.cutmix=1.0", "data.val_split=null",
+              "data.workers=0", "train.epochs=2", "model.kwargs.num_classes=2", "model.kwargs.img_size=32"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = train(load_config(QUICK, common + [f"output_dir={tmp_path / 'run'}", "train.batch_size=4"]))
+    assert summary["steps"] == 2 and summary["skipped"] == 2
+    with pytest.raises(ValueError, match=r"train.batch_size=3: Mixup/CutMix .* even per-process batch size"):
+        train(load_config(QUICK, common + [f"output_dir={tmp_path / 'odd'}", "train.batch_size=3"]))
+    assert not (tmp_path / "odd").exists() or not any((tmp_path / "odd").rglob("*.pth"))
+
+
+def test_eval_img_size_builds_the_model_for_it(small_folder):
+    """blvit-eval imagenet --img-size 48: the models are built at 48 (bLViT's default is 224),
+    not only fed 48 px images; a spec's own img_size wins."""
+    from eval.imagenet import run_imagenet
+
+    tiny_bt = {"patch_size": 8, "num_classes": 3, "embed_dim": 32, "depth": 2, "num_heads": 2, "e_embed_dim": 16,
+               "e_num_heads": 2, "blvit_layers": [1], "predictor_layers": [1]}
+    rows = run_imagenet(small_folder, "val", ["blvit_base_tiny_patch16_224", "blvit_base_tiny_patch16_224@img_size=32"],
+                        None, 48, 6, 0, None, tiny_bt, torch.device("cpu"), False)
+    assert [r["input_size"] for r in rows] == [48, 32]
+    assert rows[0]["gmacs"] > rows[1]["gmacs"]  # 36 patches against 16
+
+
+def test_eval_labels_follow_the_checkpoint_or_the_split_not_the_train_folder(small_folder, tmp_path, monkeypatch):
+    """A stray folder in train/ does not shift labels: a checkpoint of this trainer is scored
+    against its stored class order, any other model against the evaluated split's folders
+    (DeiT's ImageFolder(root/val)); hidden folders are never classes; the differing train/
+    class list is warned about."""
+    import timm
+
+    import eval.imagenet as imagenet
+    from blvit.data.imagenet import scan_imagefolder
+    from blvit.train.classification import FORMAT
+
+    (small_folder / "train/.ipynb_checkpoints").mkdir()
+    (small_folder / "val/.ipynb_checkpoints").mkdir()
+    (small_folder / "train/lost+found").mkdir()
+    seen = []
+
+    def fake_evaluate(model, dataset, *args, **kwargs):
+        seen.append(dataset)
+        return {"top1": 0.0, "top5": 0.0, "images": len(dataset), "skipped": 0, "images_per_s": 1.0}
+
+    monkeypatch.setattr(imagenet, "evaluate_classifier", fake_evaluate)
+    val = ["n00000000", "n00000001", "n00000002"]
+    assert scan_imagefolder(small_folder / "val")[1] == val
+    with pytest.warns(UserWarning, match=r"train: its 4 class folders differ .*lost\+found"):
+        imagenet.run_imagenet(small_folder, "val", ["deit_tiny_patch16_224"], None, None, 6, 0, None, TINY_DEIT,
+                              torch.device("cpu"), False)
+    assert seen[0].classes == val
+    assert all(Path(p).parent.name == val[t] for p, t in seen[0].samples)
+    # this trainer's checkpoint, trained with another class order: its order is the one scored
+    trained = ["n00000002", "n00000000", "n00000001"]
+    payload = {"format": FORMAT, "arch": "deit_tiny_patch16_224", "kwargs": TINY_DEIT, "merge": {"method": "none"},
+               "classes": trained, "model": timm.create_model("deit_tiny_patch16_224", **TINY_DEIT).state_dict()}
+    torch.save(payload, tmp_path / "best.pth")
+    with pytest.warns(UserWarning, match="best.pth's"):
+        imagenet.run_imagenet(small_folder, "val", [f"deit_tiny_patch16_224:{tmp_path / 'best.pth'}"], None, None, 6,
+                              0, None, {}, torch.device("cpu"), False)
+    assert seen[1].classes == trained
+    assert all(Path(p).parent.name == trained[t] for p, t in seen[1].samples)
+
+
+def test_transforms_follow_the_model_and_eval_rows_record_the_crop(small_folder, tmp_path, monkeypatch):
+    """The trainer normalises with the model's mean/std (timm's ViT: 0.5 / 0.5); blvit-eval crops
+    as the model declares (timm's ViT: 0.9), DeiT's 0.875 for DeiT and the DeiT-based models, or
+    --crop-pct; each row records its crop."""
+    import timm
+
+    import eval.imagenet as imagenet
+    from blvit.train.classification import _datasets
+
+    student = timm.create_model("vit_tiny_patch16_224", **TINY_DEIT)
+    cfg = load_config(QUICK, [f"data.root={small_folder}", f"output_dir={tmp_path}"])
+    for transform in (s.transform for s in _datasets(cfg, 32, False, student)):
+        normalize = [t for t in transform.transforms if type(t).__name__ == "Normalize"][0]
+        assert tuple(float(v) for v in normalize.mean) == (0.5, 0.5, 0.5), transform
+    seen = []
+
+    def fake_evaluate(model, dataset, *args, **kwargs):
+        seen.append(dataset.transform)
+        return {"top1": 0.0, "top5": 0.0, "images": len(dataset), "skipped": 0, "images_per_s": 1.0}
+
+    monkeypatch.setattr(imagenet, "evaluate_classifier", fake_evaluate)
+    specs = ["vit_tiny_patch16_224", "deit_tiny_patch16_224",
+             "evit_small_patch16_224@embed_dim=48,num_heads=3,reorganize_layers=[0]"]
+    rows = imagenet.run_imagenet(small_folder, "val", specs, None, None, 6, 0, None, TINY_DEIT, torch.device("cpu"),
+                                 False)
+    resized = [[t.size for t in transform.transforms if type(t).__name__ == "Resize"][0] for transform in seen]
+    assert [r["crop_pct"] for r in rows] == [0.9, 0.875, 0.875] and resized == [35, 36, 36]
+    assert all(r["interpolation"] == "bicubic" for r in rows)
+    rows = imagenet.run_imagenet(small_folder, "val", specs[:1], None, None, 6, 0, None, TINY_DEIT, torch.device("cpu"),
+                                 False, crop_pct=1.0)
+    assert rows[0]["crop_pct"] == 1.0 and [t.size for t in seen[-1].transforms if type(t).__name__ == "Resize"] == [32]

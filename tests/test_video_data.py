@@ -103,8 +103,8 @@ def test_bad_lists_and_videos_get_clear_messages(videos, tmp_path):
 
 
 def test_eval_video_averages_the_views(videos, tmp_path):
-    """blvit-eval video: 2 clips x 3 crops per video, logits averaged; the table's top-1 is the
-    one computed by hand from the model's logits on the same views."""
+    """blvit-eval video: 2 clips x 3 crops per video, softmax probabilities averaged; the table's
+    top-1 is the one computed by hand from the model's logits on the same views."""
     import timm
 
     from eval.cli import run
@@ -125,7 +125,7 @@ def test_eval_video_averages_the_views(videos, tmp_path):
     with torch.no_grad():
         for i in range(6):
             item = data[i]
-            correct += int(model(item["video"]).mean(0).argmax() == item["target"])
+            correct += int(model(item["video"]).softmax(-1).mean(0).argmax() == item["target"])
     assert row["top1"] == pytest.approx(100 * correct / 6)
     assert (tmp_path / "video.md").read_text().startswith("| model | frames | views |")
 
@@ -153,3 +153,26 @@ def test_tiny_videomamba_learns_the_motions_through_the_trainer(tmp_path):
     print(f"\nvalidation top-1 per epoch on 64 videos (chance 25 %): {top1}")
     assert top1[0] <= 40.0  # untrained: about chance
     assert max(top1[-2:]) >= 65.0, top1  # well above chance, and above the ~50 % that the axis alone gives
+
+
+def test_labels_outside_the_models_classes_name_the_list_line(videos, tmp_path):
+    """A label the model has no output for (7 with 4 classes) is an error naming the list file
+    and line, in the trainer and in blvit-eval video, not an index error inside the loss."""
+    from blvit.train.classification import train
+    from blvit.train.config import load_config
+    from eval.cli import run
+
+    # class 3 relabelled 7: still 4 distinct labels, so the class count check cannot see it
+    lines = (videos / "val.csv").read_text().splitlines()
+    lines = [line[:-2] + " 7" if line.endswith(" 3") else line for line in lines]
+    first = 1 + next(i for i, line in enumerate(lines) if line.endswith(" 7"))
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(ROOT / "configs/video/quickstart.yaml",
+                      [f"data.root={videos}", f"data.train_list={tmp_path / 'bad.csv'}", "data.val_list=null",
+                       f"output_dir={tmp_path / 'run'}", "train.epochs=1", "train.batch_size=4"])
+    with pytest.raises(VideoDataError, match=rf"bad.csv:{first}: label 7 outside 0\.\.3"):
+        train(cfg)
+    with pytest.raises(VideoDataError, match=rf"bad.csv:{first}: label 7 outside 0\.\.3"):
+        run(["video", "--data", str(videos), "--list", str(tmp_path / "bad.csv"), "--model",
+             "videomamba_tiny@embed_dim=64,depth=2,num_classes=4", "--img-size", "32", "--clips", "1", "--crops", "1",
+             "--max-videos", "2", "--workers", "0", "--out", str(tmp_path / "video.json")])

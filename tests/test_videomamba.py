@@ -208,3 +208,18 @@ def test_merge_map_over_frames(tmp_path):
     assert max(spans) >= 2  # tokens merge across frames: the sequence is all frames' patches
     picture = np.asarray(Image.open(tmp_path / "merge.png"))
     assert picture.shape[1] > 2.5 * picture.shape[0]  # four frames side by side
+
+
+def test_multi_view_scores_average_softmax_probabilities_as_released():
+    """OpenGVLab/VideoMamba engine_for_finetuning.py merge(): softmax per view, mean over the
+    views. One over-confident view must not outvote two that agree (it does with mean logits)."""
+    from blvit.train.classification import view_averaged_logits
+
+    logits = torch.tensor([[[12.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 2.0, 0.0]],
+                           [[1.0, 0.0, 3.0], [0.0, 1.0, 2.0], [0.5, 0.5, 0.5]]])  # (B=2, V=3, K=3)
+    model = lambda x: logits.reshape(-1, 3)  # noqa: E731
+    scores = view_averaged_logits(model, torch.zeros(2, 3, 3, 1, 1, 1))
+    torch.testing.assert_close(scores.exp(), logits.softmax(-1).mean(1))
+    assert scores[0].argmax().item() == 1 and logits[0].mean(0).argmax().item() == 0
+    single = torch.randn(2, 3)
+    torch.testing.assert_close(view_averaged_logits(lambda x: single, torch.zeros(2, 3, 1, 1, 1)), single)

@@ -1,9 +1,10 @@
 """ImageNet in the standard ImageFolder layout with timm's DeiT transforms.
 
 ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``; classes are the sorted folder names
-of the training split, and the validation split must use the same ones. Augmentation
-randomness is seeded per sample from (seed, epoch, index, rank), so it does not depend on the
-number of workers and a resumed run sees the same augmented images as an uninterrupted one.
+of the training split (hidden folders are not classes), and the validation split must use the
+same ones. Augmentation randomness is seeded per sample from (seed, epoch, index, rank), so it
+does not depend on the number of workers and a resumed run sees the same augmented images as an
+uninterrupted one.
 """
 import random
 from contextlib import contextmanager
@@ -23,12 +24,21 @@ class ImageFolderError(ValueError):
     """A dataset folder that is not ImageFolder-shaped, or an unusable image; names the path."""
 
 
-def scan_imagefolder(root: Path, classes: Optional[List[str]] = None) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """[(path, class index)] and the class names of an ImageFolder split."""
+def imagefolder_classes(root: Path) -> List[str]:
+    """The sorted class folder names of an ImageFolder split (its images are not listed).
+    Hidden folders (``.ipynb_checkpoints``, ``.cache``) are not classes; torchvision's
+    ImageFolder would count them and shift every later label."""
     root = Path(root)
     if not root.is_dir():
         raise ImageFolderError(f"{root}: no such folder (expected <root>/<split>/<class>/<image>)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_imagefolder(root: Path, classes: Optional[List[str]] = None) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """[(path, class index)] and the class names of an ImageFolder split; with ``classes`` the
+    indices are positions in that list (every folder of the split must be in it)."""
+    root = Path(root)
+    found = imagefolder_classes(root)
     if not found:
         loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS][:3]
         hint = f"; it holds images directly ({loose}), they must be in one sub-folder per class" if loose else ""
@@ -67,8 +77,12 @@ def _patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
 
 
-def build_transforms(img_size: int, training: bool, cfg: Dict[str, Any], mean=None, std=None):
-    """timm's ``create_transform``: the DeiT recipe for training, resize + centre crop for eval."""
+def build_transforms(img_size: int, training: bool, cfg: Dict[str, Any], mean=None, std=None, crop_pct: float = 0.875,
+                     interpolation: str = "bicubic"):
+    """timm's ``create_transform``: the DeiT recipe for training; for eval, a resize of the short
+    side to ``img_size / crop_pct`` (``interpolation``) and a centre crop of ``img_size``. The
+    default 0.875 is DeiT's released eval (facebookresearch/deit datasets.py:
+    ``int((256 / 224) * input_size)``); timm models declare theirs in ``pretrained_cfg``."""
     from timm.data import create_transform
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -78,7 +92,8 @@ def build_transforms(img_size: int, training: bool, cfg: Dict[str, Any], mean=No
         return create_transform(img_size, is_training=True, auto_augment=cfg.get("auto_augment") or None,
                                 color_jitter=cfg.get("color_jitter", 0.3), re_prob=cfg.get("reprob", 0.0),
                                 re_mode="pixel", re_count=1, interpolation="bicubic", mean=mean, std=std)
-    return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875, mean=mean, std=std)
+    return create_transform(img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct, mean=mean,
+                            std=std)
 
 
 class ImageFolderDataset(Dataset):

@@ -17,7 +17,8 @@ s = (length - 1) / num_frames); test clip k of K takes ``round(s i) + int(s / (K
 from a random start (training) or from K evenly spaced starts (testing). Spatially, training
 takes one random resized crop (area 8-100 %, aspect 3/4-4/3) and flip for the whole clip;
 testing resizes the short side to ``img_size`` and takes ``test_crops`` crops (1: centre, 3: the
-two ends and the middle of the long side): K x crops views, logits averaged (4 x 3 for K400).
+two ends and the middle of the long side): K x crops views, softmax probabilities averaged
+(4 x 3 for K400).
 
 **Bad input**: an empty list file, a malformed line, a label out of range: one error naming the
 file and line. Missing or undecodable videos are skipped with a warning naming each (an error

@@ -8,9 +8,10 @@ from its dense DeiT, lambda 2.5) or ``kd`` on the logits (R-MeeTo: soft-target C
 """
 import logging
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -38,6 +39,18 @@ def create_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optio
     ``checkpoint``: a checkpoint written by this trainer (its stored model arguments and token
     merging are used unless ``kwargs`` gives others), or any file timm's ``checkpoint_path`` reads.
     """
+    return load_classifier(name, kwargs, dense_checkpoint, checkpoint)[0]
+
+
+def _module_filter(model: nn.Module) -> Optional[Callable[[Dict[str, Any], nn.Module], Dict[str, Any]]]:
+    """The ``checkpoint_filter_fn`` of the module defining ``model``'s class (timm's convention)."""
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
+def load_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optional[str] = None,
+                    checkpoint: Optional[str] = None) -> Tuple[nn.Module, Optional[List[str]]]:
+    """:func:`create_classifier`, plus the class names (folder names, in output order) that a
+    checkpoint of this trainer was trained on; None for any other checkpoint or none."""
     from blvit.utils.io import CheckpointError, read_checkpoint
 
     obj = read_checkpoint(checkpoint) if checkpoint else {}
@@ -51,23 +64,31 @@ def create_classifier(name: str, kwargs: Dict[str, Any], dense_checkpoint: Optio
         model = timm.create_model(name, **extra)
         # the model module's own filter: timm's EfficientViT resizes attention biases for another
         # input size, Evo-ViT maps its released key names, DeiT files get this toolkit's MLP names
-        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
         try:
-            timm.models.load_checkpoint(model, str(checkpoint), filter_fn=filter_fn)
-            return model
+            timm.models.load_checkpoint(model, str(checkpoint), filter_fn=_module_filter(model))
+            return model, None
         except (CheckpointError, RuntimeError, KeyError) as err:
             if str(checkpoint) in str(err):
                 raise
             raise CheckpointError(f"{checkpoint}: cannot be loaded into {name!r}: {err}") from err
     model = timm.create_model(name, **extra)
-    if ours:
-        merge = dict(obj.get("merge") or {})
-        merge.setdefault("compare", None)  # written before the released R-MeeTo schedule existed: the paper's
-        apply_merging(model, merge)
-        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{checkpoint}: does not fit {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
+    if not ours:
+        return model, None
+    # looked up before merging: ToMe swaps the model's class for one of blvit.tokens.tome
+    filter_fn = _module_filter(model)
+    merge = dict(obj.get("merge") or {})
+    merge.setdefault("compare", None)  # written before the released R-MeeTo schedule existed: the paper's
+    apply_merging(model, merge)
+    try:
+        # the same filter as any other file: another img_size resamples pos_embed (bicubic)
+        state = filter_fn(obj["model"], model) if filter_fn is not None else obj["model"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}: cannot be loaded into {name!r} with {extra}: {err}") from err
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: does not fit {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    classes = obj.get("classes")
+    return model, (list(classes) if classes else None)
 
 
 def apply_merging(model: nn.Module, merge: Dict[str, Any]) -> nn.Module:
@@ -155,12 +176,32 @@ class ClassifierTrainingModule(nn.Module):
         return out
 
 
+def even_batch_for_mixup(inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An even batch for timm's Mixup (which pairs sample i with sample B - 1 - i) from an odd one
+    (B, ...), (B,): odd only because unreadable samples were dropped from an even configured batch
+    (``train()`` refuses an odd ``train.batch_size``). The last sample is left out; a lone sample
+    is paired with itself, which mixing leaves unchanged (image and target)."""
+    b = inputs.shape[0]
+    if b == 1:
+        return inputs.expand(2, *inputs.shape[1:]).contiguous(), targets.expand(2).contiguous()
+    warnings.warn(f"Mixup/CutMix: {b} usable samples in this batch (some were skipped as unreadable); "
+                  f"training on the first {b - 1}")
+    return inputs[: b - 1], targets[: b - 1]
+
+
 def view_averaged_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits (B, K) of images (B, 3, H, W), clips (B, 3, T, H, W), or several views of each clip
-    (B, V, 3, T, H, W): the views' softmax-free logits averaged, as the Kinetics test protocol does."""
+    """Class scores (B, K) of images (B, 3, H, W) or clips (B, 3, T, H, W): the model's logits.
+
+    Several views of each clip (B, V, 3, T, H, W): the log of the views' mean softmax
+    probabilities, the Kinetics test protocol of the released VideoMamba / R-MeeTo code
+    (OpenGVLab/VideoMamba videomamba/video_sm/engines/engine_for_finetuning.py ``merge``: softmax
+    per view, then the mean over views). A log, so that top-k picks the same classes as the
+    averaged probabilities; averaging raw logits lets one over-confident view outvote the rest.
+    """
     if inputs.dim() == 6:
         b, v = inputs.shape[:2]
-        return model(inputs.flatten(0, 1)).float().view(b, v, -1).mean(1)
+        probs = model(inputs.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
+        return probs.log()
     return model(inputs).float()
 
 
@@ -191,15 +232,17 @@ def evaluate_topk(model: nn.Module, dataset, device: torch.device, amp: bool, ba
     return {"val_top1": 100 * float(totals[0]) / n, "val_top5": 100 * float(totals[1]) / n, "val_images": int(totals[2])}
 
 
-def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool):
-    """Kinetics-style list files -> (training clips, validation: one centre clip per video)."""
+def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool, num_classes: int):
+    """Kinetics-style list files -> (training clips, validation: one centre clip per video);
+    a label outside 0..num_classes - 1 is an error naming the list file and line."""
     from blvit.data.video import VideoClipDataset
 
     d = cfg["data"]
     if d["auto_augment"] or d["reprob"]:
         logger.info("video clips: RandAugment and random erasing are image transforms, not applied")
     root = Path(d["root"])
-    common = dict(num_frames=d["num_frames"], sampling_rate=d["sampling_rate"], sampling=d["sampling"], img_size=img_size)
+    common = dict(num_frames=d["num_frames"], sampling_rate=d["sampling_rate"], sampling=d["sampling"],
+                  img_size=img_size, num_classes=num_classes)
     train_set = VideoClipDataset.from_list(root / d["train_list"], root, strict=strict, training=True, seed=cfg["seed"],
                                            flip=d["hflip"], crop_scale=tuple(d["crop_scale"]), **common)
     val_set = None
@@ -210,20 +253,27 @@ def _video_datasets(cfg: Dict[str, Any], img_size: int, strict: bool):
     return train_set, val_set
 
 
-def _datasets(cfg: Dict[str, Any], img_size: int, strict: bool) -> Tuple[ImageFolderDataset, Optional[ImageFolderDataset]]:
+def _datasets(cfg: Dict[str, Any], img_size: int, strict: bool, student: nn.Module
+              ) -> Tuple[ImageFolderDataset, Optional[ImageFolderDataset]]:
     d = cfg["data"]
     if d["format"] == "video_list":
-        return _video_datasets(cfg, img_size, strict)
+        return _video_datasets(cfg, img_size, strict, student.num_classes)
     if d["format"] != "imagefolder":
         raise ValueError(f"unknown data.format {d['format']!r}; choose imagefolder or video_list")
+    from timm.data import resolve_data_config
+
+    # the model's own normalisation (timm's vit_base: 0.5 / 0.5, MobileViT: 0 / 1; DeiT: ImageNet's)
+    data_cfg = resolve_data_config({}, model=student)
+    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     root = Path(d["root"])
-    train_set = ImageFolderDataset.from_folder(root / d["train_split"], build_transforms(img_size, True, d),
+    train_set = ImageFolderDataset.from_folder(root / d["train_split"], build_transforms(img_size, True, d, mean, std),
                                                seed=cfg["seed"], strict=strict)
     val_set = None
     if d["val_split"]:
         samples, classes = scan_imagefolder(root / d["val_split"], train_set.classes)
         samples = take_evenly(samples, d["val_count"])
-        val_set = ImageFolderDataset(samples, classes, build_transforms(img_size, False, d), cfg["seed"], strict)
+        val_transform = build_transforms(img_size, False, d, mean, std)
+        val_set = ImageFolderDataset(samples, classes, val_transform, cfg["seed"], strict)
     return train_set, val_set
 
 
@@ -251,17 +301,22 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
     seed_everything(cfg["seed"])
     t, d = cfg["train"], cfg["data"]
     amp = uses_bf16(t, device)
+    mixing = d["mixup"] > 0 or d["cutmix"] > 0
+    if mixing and t["batch_size"] % 2:
+        # timm's Mixup blends each sample with its mirror in the batch (x.flip(0))
+        raise ValueError(f"train.batch_size={t['batch_size']}: Mixup/CutMix (data.mixup={d['mixup']}, "
+                         f"data.cutmix={d['cutmix']}) needs an even per-process batch size")
     student, teacher = build_student_and_teacher(cfg)
     img_size = student.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(student, "pretrained_cfg") else 224
     img_size = int(cfg["model"]["kwargs"].get("img_size", img_size))
-    train_set, val_set = _datasets(cfg, img_size, strict)
+    train_set, val_set = _datasets(cfg, img_size, strict, student)
     train_set.rank = rank  # repeated augmentation: each process sees its own augmentation of a sample
     num_classes = student.num_classes
     if len(train_set.classes) > num_classes:
         raise ValueError(f"{d['root']}: {len(train_set.classes)} classes but the model has {num_classes} outputs "
                          f"(set model.kwargs.num_classes)")
     mixup = None
-    if d["mixup"] > 0 or d["cutmix"] > 0:
+    if mixing:
         mixup = Mixup(mixup_alpha=d["mixup"], cutmix_alpha=d["cutmix"], prob=d["mixup_prob"],
                       label_smoothing=cfg["loss"]["smoothing"], num_classes=num_classes)
     if teacher is not None:
@@ -278,10 +333,10 @@ def train(cfg: Dict[str, Any], resume: bool = False, strict: bool = False) -> Di
         return DistributedSampler(dataset, num_replicas=world_, rank=rank_, shuffle=True, seed=seed, drop_last=True)
 
     def losses(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = batch_inputs(batch)
+        inputs, targets = batch_inputs(batch), batch["target"]
         if mixup is not None and inputs.shape[0] % 2:
-            raise ValueError("Mixup/CutMix needs an even per-process batch size (train.batch_size)")
-        return model(inputs, batch["target"])
+            inputs, targets = even_batch_for_mixup(inputs, targets)
+        return model(inputs, targets)
 
     def payload() -> Dict[str, Any]:
         return {"format": FORMAT, "arch": cfg["model"]["name"], "kwargs": cfg["model"]["kwargs"],
