@@ -456,3 +456,42 @@ def test_prompt_encoder_parts_the_recipe_never_feeds_stay_frozen_and_the_rest_al
     assert all(g is not None for g in grads.values())
     assert float(grads["point_embeddings.2.weight"].abs().sum()) == 0
     assert float(grads["point_embeddings.1.weight"].abs().sum()) > 0
+
+
+def test_sa1b_reads_uncompressed_rle_and_names_exif_turned_images(tmp_path):
+    """COCO's uncompressed RLE (counts as a list) is decoded, not called corrupt; a photo whose
+    EXIF orientation turns it by 90 degrees, annotated as displayed, is refused with a message
+    that names the EXIF tag (the masks would otherwise lie across the stored pixels)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from blvit.data.sa1b import SampleError
+
+    write_sa1b(tmp_path, 1, seed=7)
+    (jpg,) = sorted(tmp_path.glob("sa_*.jpg"))
+    ref = find_samples(tmp_path)[0]
+    dataset = SA1BDataset([ref], img_size=256)
+    image, masks = dataset.load(ref)
+    record = json.loads(jpg.with_suffix(".json").read_text())
+    first = mask_utils.decode(record["annotations"][0]["segmentation"])
+    counts, run, value = [], 0, 0
+    for pixel in first.flatten(order="F"):  # column-major runs, starting with zeros
+        if pixel != value:
+            counts.append(run)
+            run, value = 0, pixel
+        run += 1
+    counts.append(run)
+    record["annotations"][0]["segmentation"] = {"size": list(first.shape), "counts": counts}
+    jpg.with_suffix(".json").write_text(json.dumps(record))
+    _, again = dataset.load(ref)
+    assert len(again) == len(masks) and all(np.array_equal(a, b) for a, b in zip(again, masks))
+    # the stored pixels turned by 90 degrees, with the tag that turns them back for display
+    turned = Image.fromarray(np.ascontiguousarray(image.transpose(1, 0, 2)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned.save(jpg, exif=exif)
+    with pytest.raises(SampleError, match="EXIF orientation 6 turns it by 90 degrees"):
+        dataset.load(ref)

@@ -126,6 +126,9 @@ def _read(where: Tuple[str, int, int]) -> bytes:
     return data
 
 
+# EXIF orientation tag; the orientations that show the stored pixels turned by 90 degrees
+EXIF_ORIENTATION, EXIF_TRANSPOSED = 0x0112, (5, 6, 7, 8)
+
 # SAM's box noise: std 10 % of the side, "to a maximum of 20 pixels" of its 1024-px input.
 NOISE_CAP_PX, SAM_INPUT_SIZE = 20.0, 1024
 
@@ -169,7 +172,9 @@ class SA1BDataset(torch.utils.data.Dataset):
     def load(self, ref: SampleRef) -> Tuple[np.ndarray, List[np.ndarray]]:
         """Decode image and masks; raises ``SampleError`` naming the file on any defect."""
         try:
-            image = np.asarray(Image.open(io.BytesIO(_read(ref.image))).convert("RGB"))
+            opened = Image.open(io.BytesIO(_read(ref.image)))
+            orientation = opened.getexif().get(EXIF_ORIENTATION, 1)
+            image = np.asarray(opened.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise SampleError(f"{ref.name}: corrupt or unreadable image ({err})") from err
         except Image.DecompressionBombError as err:  # a few hundred kB that decode to gigabytes
@@ -191,7 +196,18 @@ class SA1BDataset(torch.utils.data.Dataset):
             if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
                 raise SampleError(f"{ref.name}: annotation {ann.get('id')} has no COCO RLE segmentation")
             if list(seg["size"]) != [h, w]:
-                raise SampleError(f"{ref.name}: RLE of annotation {ann.get('id')} is {seg['size']} but the image is {[h, w]}")
+                hint = ""
+                if orientation in EXIF_TRANSPOSED and list(seg["size"]) == [w, h]:
+                    hint = (f" (the file's EXIF orientation {orientation} turns it by 90 degrees when displayed: the "
+                            "masks were drawn on the turned image; write the pixels turned and drop the tag)")
+                raise SampleError(f"{ref.name}: RLE of annotation {ann.get('id')} is {seg['size']} but the image is "
+                                  f"{[h, w]}{hint}")
+            if isinstance(seg["counts"], list):  # uncompressed RLE (COCO's iscrowd form): compress it
+                try:
+                    seg = mask_utils.frPyObjects(seg, h, w)
+                except Exception as err:
+                    raise SampleError(f"{ref.name}: annotation {ann.get('id')} has a corrupt uncompressed RLE "
+                                      f"({err})") from err
             try:
                 masks.append(mask_utils.decode(seg).astype(bool))
             except Exception as err:
