@@ -340,9 +340,11 @@ def test_input_resolution_targets_supervise_the_upsampled_logits(sample, monkeyp
     fine = item["masks"][:n]
     # 0/1 targets travel as bool (a quarter of float32's bytes); the losses take them as they are
     assert fine.shape == (n, 256, 256) and fine.dtype == torch.bool and set(fine.unique().tolist()) == {False, True}
-    # the same objects as the decoder-resolution targets: each 4 x 4 block's majority
+    # the same objects as the decoder-resolution targets: each 4 x 4 block's majority, but for
+    # edge cells (both are thresholded area shares, one per pixel, one per cell)
     blocks = fine.float().reshape(n, 64, 4, 64, 4).mean((2, 4))
-    assert torch.equal(blocks >= 0.5, low_item["masks"][:n])
+    differ = ((blocks >= 0.5) != low_item["masks"][:n]).sum((1, 2))
+    assert bool((differ <= 0.1 * low_item["masks"][:n].sum((1, 2)).clamp(min=10)).all()), differ
 
     torch.manual_seed(0)
     sam = build_sam_blvit("vit_b", keep_ratio=1.0, **TINY, out_chans=64)

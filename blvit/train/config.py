@@ -210,14 +210,15 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
             # one key and keeps the YAML file's others; a whole mapping (model.kwargs={...}) replaces it
             base[key] = _merge_free(base[key], value)
         else:
-            problem = None if path in NAME_OR_NUMBER else _type_problem(defaults.get(key, base[key]), value)
+            problem = None if path in TWO_KINDS else _type_problem(defaults.get(key, base[key]), value)
             if problem:
                 raise ConfigError(f"config key {path!r} {problem}, got {value!r}")
             base[key] = value
 
 
-# keys that take a name or a number (R-MeeTo's compare: "released", or the count itself)
-NAME_OR_NUMBER = ("model.merge.compare",)
+# keys that take values of two kinds: R-MeeTo's compare ("released", or the count itself), the
+# distilled layers (one block index, or a list of them)
+TWO_KINDS = ("model.merge.compare", "loss.distill_layers")
 
 
 def _type_problem(default: Any, value: Any) -> Optional[str]:
