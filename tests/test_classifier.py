@@ -476,7 +476,7 @@ def test_dynamicvit_ratio_loss_is_per_image_as_released_and_drop_path_rate_is_ac
 def test_evit_keep_rate_warms_up_as_released_and_eval_uses_the_base_rate():
     """youweiliang/evit helpers.py adjust_keep_rate with run_code.sh's --shrink_start_epoch 10
     --shrink_epochs 100 of 300: 1 before epoch 10, a half cosine to the base rate by epoch 110,
-    the base rate after; set per epoch (the released value at the epoch's first iteration)."""
+    the base rate after; set per epoch to the mean of the released per-iteration rates."""
     import math
 
     from blvit.models.evit import evit_keep_rate_schedule
@@ -492,8 +492,12 @@ def test_evit_keep_rate_warms_up_as_released_and_eval_uses_the_base_rate():
 
     model = timm.create_model("evit_base_patch16_224", keep_rate=0.5, **TINY_EVIT)
     for epoch in (0, 9, 10, 11, 35, 60, 109, 110, 299):
-        model.set_epoch(epoch, 300)
-        assert model.train_keep_rate == pytest.approx(released(epoch * 7, epoch, 10, 110, 7, 0.5)), epoch
+        model.set_epoch(epoch, 300, steps_per_epoch=7)
+        mean = sum(released(epoch * 7 + i, epoch, 10, 110, 7, 0.5) for i in range(7)) / 7
+        assert model.train_keep_rate == pytest.approx(mean), epoch
+    # a one-epoch run warms up inside its epoch (released: from 1 to 0.5 over its first third)
+    model.set_epoch(0, 1)
+    assert 0.5 < model.train_keep_rate < 0.7
     assert evit_keep_rate_schedule(60, 10, 100, 0.5) == pytest.approx(0.75)
     # a shorter run: the released 10 / 100 of 300 epochs scaled to 1 / 10 of 30
     assert model.shrink_schedule(30) == (1.0, 10.0)
