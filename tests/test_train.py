@@ -32,7 +32,7 @@ def test_unknown_config_key_lists_valid_keys():
     ("train.amp=bfloat16", r"train.amp must be one of \('auto', 'bf16', 'none'\).*'bfloat16'"),
     ("train.amp=off", r"'train.amp' must be a string, got False"),  # YAML reads off as false
     ("train.lr=true", r"'train.lr' must be a number, got True"),
-    ("train.lr=", r"'train.lr' must be a number, got None"),
+    ("train.lr=", r"train.lr must be a positive number, got None"),
     ("train.betas=0.9", r"'train.betas' must be a list, got 0.9"),
     ("data.root=1e5", r"'data.root' must be a string, got 100000.0"),
     ("teacher.checkpoint.path=/x.pth", r"'teacher.checkpoint' is a single value, not a mapping"),
@@ -50,6 +50,12 @@ def test_overrides_of_the_right_kind_pass():
     assert cfg["data"]["val_root"] is None and cfg["train"]["amp"] == "none" and cfg["train"]["lr"] == 2e-4
     assert load_config(None, ["task=classify", "model.merge.compare=11"])["model"]["merge"]["compare"] == 11
     assert load_config(None, ["task=classify", "model.kwargs={num_classes: 4}"])["model"]["kwargs"] == {"num_classes": 4}
+    # null where the code reads it as off / unbounded / all, and the forms of r
+    steps_only = load_config(QUICK, ["train.epochs=null", "train.max_steps=5", "train.grad_clip=null",
+                                     "data.val_count=null"])
+    assert steps_only["train"]["epochs"] is None and steps_only["train"]["grad_clip"] is None
+    for r in ("[5, 5]", "[8, -0.5]", "3"):
+        load_config(None, ["task=classify", f"model.merge.r={r}"])
 
 
 def test_one_shard_named_alone_and_options_after_overrides(tmp_path):

@@ -217,14 +217,15 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str, free: Seque
 
 
 # keys that take values of two kinds: R-MeeTo's compare ("released", or the count itself), the
-# distilled layers (one block index, or a list of them)
-TWO_KINDS = ("model.merge.compare", "loss.distill_layers")
+# distilled layers (one block index, or a list of them), the merged tokens (one r, one per layer,
+# or ToMe's (r, inflect))
+TWO_KINDS = ("model.merge.compare", "loss.distill_layers", "model.merge.r")
 
 
 def _type_problem(default: Any, value: Any) -> Optional[str]:
     """Why ``value`` cannot replace ``default`` (the kind of value the key holds), or None.
-    A key whose default is null takes any single value; null switches a setting off where the
-    default is a path, a name or a list."""
+    A key whose default is null takes any single value; null is taken everywhere (a setting off,
+    unset or unbounded); what null cannot mean is refused where the setting is used."""
     if isinstance(value, dict) or isinstance(default, dict):
         if isinstance(value, dict) and isinstance(default, dict):
             return None  # a free-form mapping replaced whole
@@ -233,11 +234,11 @@ def _type_problem(default: Any, value: Any) -> Optional[str]:
         return None
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
+    if value is None:
+        return None  # null: off / unset / all (train.grad_clip, train.epochs with max_steps, data.val_count)
     if isinstance(default, (int, float)):
         # a typo, "1e-3" read as a string by an older YAML, or a switch (true) where a number is meant
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
-    if value is None:
-        return None
     if isinstance(default, str):
         return None if isinstance(value, str) else "must be a string"
     if isinstance(default, (list, tuple)):
@@ -308,6 +309,8 @@ AMP_CHOICES = ("auto", "bf16", "none")
 
 def check_train(t: Dict[str, Any]) -> None:
     """The optimisation settings every task needs to be meaningful (ConfigError otherwise)."""
+    if isinstance(t["lr"], bool) or not isinstance(t["lr"], (int, float)) or t["lr"] <= 0:
+        raise ConfigError(f"train.lr must be a positive number, got {t['lr']!r}")
     if t["amp"] not in AMP_CHOICES:  # anything else used to mean float32, silently
         raise ConfigError(f"train.amp must be one of {AMP_CHOICES} (auto: bf16 autocast on CUDA), got {t['amp']!r}")
     positive = {"batch_size": t["batch_size"], "accumulate": t["accumulate"]}
