@@ -135,6 +135,22 @@ def eval_crop(model: torch.nn.Module, name: str, crop_pct: Optional[float] = Non
     return float(crop_pct), data_cfg["interpolation"]
 
 
+def label_space(trained: Optional[List[str]], train: Optional[List[str]], split: List[str],
+                outputs: Optional[int]) -> List[str]:
+    """The class list whose i-th entry is the model's output i: the checkpoint's own (this
+    trainer's), else ``train/``'s folders where they hold every class of the split (a validation
+    subset of ImageNet's classes is labelled by its place among all 1000), unless ``train/`` has
+    more folders than the model has outputs while the split has exactly as many (a stray folder in
+    train/, e.g. lost+found); else the split's own folders (DeiT's ``ImageFolder(root/val)``)."""
+    if trained:
+        return list(trained)
+    if train is not None and set(split) <= set(train):
+        stray = outputs is not None and len(train) != outputs and len(split) == outputs
+        if not stray:
+            return list(train)
+    return list(split)
+
+
 def split_targets(samples: Sequence[Tuple[str, int]], split_classes: Sequence[str], classes: Sequence[str],
                   split: Path) -> List[Tuple[str, int]]:
     """Samples labelled by position in ``split_classes`` relabelled by position in ``classes``
@@ -178,8 +194,11 @@ def run_imagenet(data: Path, split: str, specs: Sequence[str], dense_checkpoint:
             model_kwargs["img_size"] = img_size  # built for it (the checkpoint filters resample pos_embed)
         model, trained_classes = load_classifier(name, model_kwargs, dense_checkpoint if uses_dense else None,
                                                  checkpoint)
-        classes, targets = (trained_classes, split_targets(samples, split_classes, trained_classes, split_root)) \
-            if trained_classes else (split_classes, samples)
+        classes = label_space(trained_classes, train_classes, split_classes, getattr(model, "num_classes", None))
+        if classes != split_classes:
+            targets = split_targets(samples, split_classes, classes, split_root)
+        else:
+            targets = samples
         if train_classes is not None and train_classes != classes:
             # not an error: evaluating a model needs no training split; a sign of a stray folder there
             source = f"{checkpoint}'s" if trained_classes else f"{split_root}'s"

@@ -295,8 +295,9 @@ def test_eval_img_size_builds_the_model_for_it(small_folder):
 def test_eval_labels_follow_the_checkpoint_or_the_split_not_the_train_folder(small_folder, tmp_path, monkeypatch):
     """A stray folder in train/ does not shift labels: a checkpoint of this trainer is scored
     against its stored class order, any other model against the evaluated split's folders
-    (DeiT's ImageFolder(root/val)); hidden folders are never classes; the differing train/
-    class list is warned about."""
+    (DeiT's ImageFolder(root/val)) when train/ has more folders than the model has outputs;
+    a validation subset is labelled by train/'s order; hidden folders are never classes; the
+    differing train/ class list is warned about."""
     import timm
 
     import eval.imagenet as imagenet
@@ -330,6 +331,16 @@ def test_eval_labels_follow_the_checkpoint_or_the_split_not_the_train_folder(sma
                               0, None, {}, torch.device("cpu"), False)
     assert seen[1].classes == trained
     assert all(Path(p).parent.name == trained[t] for p, t in seen[1].samples)
+    # a validation subset of the model's classes (val/ holds 2 of train/'s 3): labelled by the
+    # class's place among all of them, train/'s order, not by its place in the subset
+    import shutil
+
+    shutil.rmtree(small_folder / "train/lost+found")
+    shutil.rmtree(small_folder / "val/n00000000")
+    imagenet.run_imagenet(small_folder, "val", ["deit_tiny_patch16_224"], None, None, 6, 0, None, TINY_DEIT,
+                          torch.device("cpu"), False)
+    assert seen[2].classes == val and sorted({t for _, t in seen[2].samples}) == [1, 2]
+    assert all(Path(p).parent.name == val[t] for p, t in seen[2].samples)
 
 
 def test_transforms_follow_the_model_and_eval_rows_record_the_crop(small_folder, tmp_path, monkeypatch):
