@@ -226,9 +226,9 @@ def set_trainable_parts(sam: nn.Module, cfg: Dict[str, Any]) -> None:
 
 
 def _teacher_meta(cfg: Dict[str, Any], teacher: nn.Module, img_size: int, amp: bool) -> Dict[str, Any]:
-    """What the teacher cache's embeddings depend on: the teacher file (path, size, modification
-    time: a retrained teacher written over the same path is another teacher), or the seed of a
-    random one; its architecture; the input size; the precision it ran at."""
+    """What the teacher cache's embeddings depend on: the teacher file (size and a hash of its
+    ends: a retrained teacher written over the same path is another teacher, a copy on another
+    node the same), or the seed of a random one; its architecture; the input size; the precision."""
     checkpoint = cfg["teacher"]["checkpoint"]
     return {"teacher_checkpoint": file_signature(checkpoint) if checkpoint else f"random(seed={cfg['seed']})",
             "teacher": teacher.config.architecture(), "img_size": img_size, "bf16": bool(amp)}

@@ -255,11 +255,11 @@ def test_teacher_embedding_cache(sa1b_root, tmp_path):
 
 
 def test_teacher_cache_follows_the_files_not_their_names(tmp_path):
-    """Data rewritten in place is computed again (its entries are keyed by the file's size and
-    modification time, not its name), and a retrained teacher saved over the same path is
-    another teacher: its meta differs, so the old cache is refused."""
-    import os
-    import time
+    """Data rewritten in place is computed again (entries are keyed by each file's name and size,
+    not its name alone), a copy of the data elsewhere (a node-local disk) finds the same entries,
+    and a retrained teacher saved over the same path is another teacher: its meta differs, so
+    the old cache is refused."""
+    import shutil
 
     from blvit.data.sa1b import SA1BDataset, find_samples
     from blvit.data.synthetic import write_sa1b
@@ -268,8 +268,11 @@ def test_teacher_cache_follows_the_files_not_their_names(tmp_path):
     from sam_adapter.build import build_sam_blvit
     from sam_adapter.trainer import _teacher_meta
 
+    def samples(root):
+        return SA1BDataset(find_samples(root), img_size=TINY["img_size"], max_masks=2)
+
     write_sa1b(tmp_path / "data", 3, seed=3)
-    dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=TINY["img_size"], max_masks=2)
+    dataset = samples(tmp_path / "data")
     sam = build_sam_blvit("vit_b", **TINY)
     teacher_file = tmp_path / "teacher.pth"
     torch.save(sam.state_dict(), teacher_file)
@@ -278,16 +281,20 @@ def test_teacher_cache_follows_the_files_not_their_names(tmp_path):
     cache, cpu = tmp_path / "cache", torch.device("cpu")
     assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == len(dataset) > 0
     assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == 0
+    # the same files copied elsewhere, teacher included: nothing to compute
+    shutil.copytree(tmp_path / "data", tmp_path / "node_local")
+    shutil.copy(teacher_file, tmp_path / "node_local_teacher.pth")
+    copied = dict(cfg, teacher={"checkpoint": str(tmp_path / "node_local_teacher.pth")})
+    copied_meta = _teacher_meta(copied, sam.image_encoder, TINY["img_size"], amp=False)
+    assert copied_meta == meta
+    assert build_cache(sam.image_encoder, samples(tmp_path / "node_local"), cache, meta, cpu, False, 2) == 0
     # the data generated again in place (other images under the same names)
     write_sa1b(tmp_path / "data", 3, seed=4)
-    later = time.time() + 5
-    for path in (tmp_path / "data").glob("sa_*.jpg"):
-        os.utime(path, (later, later))
-    dataset = SA1BDataset(find_samples(tmp_path / "data"), img_size=TINY["img_size"], max_masks=2)
-    assert build_cache(sam.image_encoder, dataset, cache, meta, cpu, False, 2) == len(dataset)
+    assert build_cache(sam.image_encoder, samples(tmp_path / "data"), cache, meta, cpu, False, 2) == len(dataset)
     # a retrained teacher saved over the same file
+    with torch.no_grad():
+        sam.image_encoder.patch_embed.proj.weight.add_(0.01)
     torch.save(sam.state_dict(), teacher_file)
-    os.utime(teacher_file, (later, later))
     retrained = _teacher_meta(cfg, sam.image_encoder, TINY["img_size"], amp=False)
     with pytest.raises(ValueError, match="meta.json: the cache was made for"):
         build_cache(sam.image_encoder, dataset, cache, retrained, cpu, False, 2)

@@ -2,12 +2,13 @@
 
 The SA-1B pipeline has no photometric or geometric augmentation, so the teacher's output for
 a sample never changes: computing it once saves the teacher's forward pass (for ViT-H most of
-a training step) in every later epoch. Entries are keyed by the sample's file (its real path,
-place in a shard, size and modification time), so data regenerated or replaced in place is
-computed again, never read from an old entry; a ``meta.json`` records what produced them (the
-teacher file's path, size and modification time, its architecture, the image size and the
-precision), so a cache made by another teacher, a retrained one written over the same path, or
-another image size is refused rather than silently used.
+a training step) in every later epoch. Entries are keyed by what travels with a copy of the
+data: the sample's file name, its place in a shard and its size in bytes, so data regenerated or
+replaced in place is computed again while a copy on a node-local disk finds the same entries; a
+``meta.json`` records what produced them (the teacher file's size and a hash of its first and
+last MiB, its architecture, the image size and the precision), so a cache made by another
+teacher, a retrained one written over the same path, or another image size is refused rather
+than silently used.
 """
 import hashlib
 import json
@@ -29,16 +30,29 @@ from blvit.utils.io import atomic_save, atomic_write_text
 logger = logging.getLogger(__name__)
 
 
+# bytes hashed at each end of a teacher file: a retrained teacher differs there (its first and
+# last tensors), and reading 2 MiB costs nothing next to loading it
+SIGNATURE_BYTES = 1 << 20
+
+
 def file_signature(path: str) -> Dict[str, Any]:
-    """Real path, size and modification time of a file: what tells a rewritten file from the old."""
-    stat = os.stat(path)
-    return {"path": os.path.realpath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """Size and a hash of the first and last MiB of a file: what tells a rewritten file from the
+    old one, and what a copy elsewhere (another node's disk, another name) keeps."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        digest.update(f.read(SIGNATURE_BYTES))
+        f.seek(max(0, size - SIGNATURE_BYTES))
+        digest.update(f.read(SIGNATURE_BYTES))
+    return {"bytes": size, "sha1_ends": digest.hexdigest()}
 
 
 def entry_name(ref: SampleRef) -> str:
-    """The cache file of a sample: a hash of its image file's identity and its place in it."""
+    """The cache file of a sample: a hash of its file's name, its place in a shard and its size
+    (another image under the same name is another entry; a copy of the data is the same one)."""
     path, offset, size = ref.image
-    key = json.dumps([ref.name, file_signature(path), offset, size], sort_keys=True)
+    nbytes = os.path.getsize(path) if size < 0 else size
+    key = json.dumps([os.path.basename(ref.name), os.path.basename(path), offset, nbytes])
     return hashlib.sha1(key.encode()).hexdigest()[:20] + ".pt"
 
 
