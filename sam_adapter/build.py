@@ -114,11 +114,15 @@ def build_sam_blvit(
     if keep_ratio is not None:
         overrides["keep_ratio"] = keep_ratio
     saved = read_checkpoint(checkpoint) if checkpoint is not None else None
+    config = None
     if saved is not None:
         # the runtime knobs it was trained with (keep ratio, ToMe's r), unless the call sets them
         stored = stored_config(saved, checkpoint)
-        overrides = {**{k: getattr(stored, k) for k in RUNTIME_FIELDS}, **overrides}
-    config = make_config(variant, **overrides)
+        try:
+            config = make_config(variant, **{**{k: getattr(stored, k) for k in RUNTIME_FIELDS}, **overrides})
+        except ValueError:
+            config = None  # a checkpoint of another layout: loading it below names the difference
+    config = config or make_config(variant, **overrides)
     sam = build_sam_from_config(config, prompt_pe_scale)
     if sam_checkpoint is not None:
         kept = load_sam_checkpoint(sam, sam_checkpoint, DENSE_SOURCE.get(variant))

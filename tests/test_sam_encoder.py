@@ -212,6 +212,11 @@ def test_checkpoint_brings_its_keep_ratio_and_a_foreign_config_names_the_file(tm
     obj["config"]["semi_cross"] = True
     foreign = tmp_path / "newer.pth"
     torch.save(obj, foreign)
+    # a ToMe checkpoint (merge_r 15) asked for as b+t: the layouts' difference, not "merge_r has no effect"
+    tome = tmp_path / "tome.pth"
+    save_blvit_sam_checkpoint(build_sam_blvit("tome-b", **TINY), tome)
+    with pytest.raises(CheckpointError, match="tome.pth: saved for bLViT-SAM 'tome-b', which differs from the requested 'b"):
+        build_sam_blvit("b+t", checkpoint=tome, **TINY_BT)
     for load in (lambda: build_sam_from_checkpoint(foreign), lambda: build_sam_blvit("b+t", checkpoint=foreign, **TINY_BT)):
         with pytest.raises(CheckpointError, match=r"newer.pth: its encoder config has fields .*\['semi_cross'\]"):
             load()
