@@ -32,7 +32,8 @@ def test_unknown_config_key_lists_valid_keys():
     ("train.amp=bfloat16", r"train.amp must be one of \('auto', 'bf16', 'none'\).*'bfloat16'"),
     ("train.amp=off", r"'train.amp' must be a string, got False"),  # YAML reads off as false
     ("train.lr=true", r"'train.lr' must be a number, got True"),
-    ("train.lr=", r"train.lr must be a positive number, got None"),
+    ("train.lr=", r"train.lr must be a number >= 0, got None"),
+    ("train.lr=-1e-3", r"train.lr must be a number >= 0, got -0.001"),
     ("train.betas=0.9", r"'train.betas' must be a list, got 0.9"),
     ("data.root=1e5", r"'data.root' must be a string, got 100000.0"),
     ("teacher.checkpoint.path=/x.pth", r"'teacher.checkpoint' is a single value, not a mapping"),

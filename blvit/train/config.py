@@ -309,8 +309,9 @@ AMP_CHOICES = ("auto", "bf16", "none")
 
 def check_train(t: Dict[str, Any]) -> None:
     """The optimisation settings every task needs to be meaningful (ConfigError otherwise)."""
-    if isinstance(t["lr"], bool) or not isinstance(t["lr"], (int, float)) or t["lr"] <= 0:
-        raise ConfigError(f"train.lr must be a positive number, got {t['lr']!r}")
+    if isinstance(t["lr"], bool) or not isinstance(t["lr"], (int, float)) or t["lr"] < 0:
+        # 0 is allowed: a frozen run (validation and checkpointing of an unchanged model)
+        raise ConfigError(f"train.lr must be a number >= 0, got {t['lr']!r}")
     if t["amp"] not in AMP_CHOICES:  # anything else used to mean float32, silently
         raise ConfigError(f"train.amp must be one of {AMP_CHOICES} (auto: bf16 autocast on CUDA), got {t['amp']!r}")
     positive = {"batch_size": t["batch_size"], "accumulate": t["accumulate"]}
