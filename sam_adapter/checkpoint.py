@@ -112,9 +112,9 @@ def load_e_blocks_from_sam(encoder: nn.Module, path: PathLike) -> Dict[str, List
                             f"{config.e_embed_dim} / {config.e_num_heads}); give e_num_heads so the widths match")
                     param.copy_(resize_rel_pos(source[src_key].float(), param.shape[0]))
                 else:
-                    kept.append(f"blocks.{layer}.e_block.{name}")
+                    kept.append(e_block_name(layer, name))
                     continue
-                loaded.append(f"blocks.{layer}.e_block.{name} <- {src_key}")
+                loaded.append(f"{e_block_name(layer, name)} <- {src_key}")
     logger.info("E-blocks from %s: %d tensors loaded, %d kept at initialisation", path, len(loaded), len(kept))
     return {"loaded": loaded, "kept": kept}
 

@@ -226,10 +226,10 @@ def _type_problem(default: Any, value: Any) -> Optional[str]:
     """Why ``value`` cannot replace ``default`` (the kind of value the key holds), or None.
     A key whose default is null takes any single value; null is taken everywhere (a setting off,
     unset or unbounded); what null cannot mean is refused where the setting is used."""
-    if isinstance(value, dict) or isinstance(default, dict):
-        if isinstance(value, dict) and isinstance(default, dict):
-            return None  # a free-form mapping replaced whole
-        return "is a single value, not a mapping" if default is None or not isinstance(default, dict) else "must be a mapping"
+    if isinstance(value, dict) != isinstance(default, dict):
+        return "must be a mapping" if isinstance(default, dict) else "is a single value, not a mapping"
+    if isinstance(value, dict):
+        return None  # a free-form mapping replaced whole
     if default is None:
         return None
     if isinstance(default, bool):
