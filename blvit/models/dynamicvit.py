@@ -230,11 +230,10 @@ class DynamicViT(ClassTokenViT):
         return self._forward_pruned(x, take, stop)
 
 
-# crop_pct 0.875: DeiT's released eval (facebookresearch/deit datasets.py, resize 256, crop 224),
-# the protocol of the DeiT numbers this baseline is compared with (timm's DeiT cfg says 0.9)
+# _cfg's crop_pct 0.875 is DeiT's released eval, which the released baseline code uses too
 default_cfgs = generate_default_cfgs({
-    "dynamicvit_base_patch16_224": _cfg(crop_pct=0.875),
-    "dynamicvit_small_patch16_224": _cfg(crop_pct=0.875),
+    "dynamicvit_base_patch16_224": _cfg(),
+    "dynamicvit_small_patch16_224": _cfg(),
 })
 
 @register_model

@@ -288,11 +288,10 @@ class EViT(ClassTokenViT):
         return x, taken
 
 
-# crop_pct 0.875: DeiT's released eval (facebookresearch/deit datasets.py, resize 256, crop 224),
-# as EViT's released youweiliang/evit datasets.py build_transform does (timm's DeiT cfg says 0.9)
+# _cfg's crop_pct 0.875 is DeiT's released eval, which the released baseline code uses too
 default_cfgs = generate_default_cfgs({
-    "evit_base_patch16_224": _cfg(crop_pct=0.875),
-    "evit_small_patch16_224": _cfg(crop_pct=0.875),
+    "evit_base_patch16_224": _cfg(),
+    "evit_small_patch16_224": _cfg(),
 })
 
 @register_model
