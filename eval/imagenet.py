@@ -51,7 +51,8 @@ DENSE_INITIALISED = ("blvit_", "evit_", "evovit_", "dynamicvit_")
 # DeiT's released eval crop (resize to 256, centre crop 224), which DeiT's published numbers and
 # those of the baselines built on DeiT's code use; timm's DeiT pretrained_cfg says 0.9.
 DEIT_EVAL_CROP_PCT = 0.875
-DEIT_PROTOCOL = DENSE_INITIALISED + ("deit_",)  # timm's DeiT (not DeiT III, "deit3_": crop 1.0)
+# timm's DeiT (not DeiT III, "deit3_": crop 1.0); this toolkit's DeiT-shaped models declare 0.875 themselves
+DEIT_PROTOCOL = ("deit_",)
 
 
 def model_family(name: str) -> str:
